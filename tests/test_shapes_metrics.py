@@ -1,0 +1,266 @@
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanoi2v_diffusers.data import (
+    STILL,
+    ShapeObject,
+    ShapesConfig,
+    ShapesDataset,
+    generate_shapes_clip,
+    render_clip,
+    with_motion,
+)
+from nanoi2v_diffusers.evaluation.shapes_metrics import (
+    COLOUR_TOLERANCE,
+    LOST,
+    direction_accuracy,
+    evaluate_pipeline,
+    ground_truth_tracks,
+    predict_directions,
+    score_video,
+    static_baseline,
+    text_swap_outcome,
+    text_swap_partner,
+    text_swap_score,
+    track_objects,
+)
+
+CONFIG = ShapesConfig()  # the evaluation's setting: 64 x 64, 17 frames
+SEEDS = range(24)
+EVALUATE_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return [generate_shapes_clip(seed, CONFIG) for seed in SEEDS]
+
+
+def single_object_clip(shape="square", size=14, x=32.0, y=32.0, direction="right", speed="normal", seed=0):
+    obj = ShapeObject(shape=shape, colour="red", size_px=size, x=x, y=y, direction=direction, speed=speed)
+    return render_clip([obj], CONFIG, seed=seed)
+
+
+def test_seed_sample_covers_the_hard_cases(clips):
+    """The checks below mean something only if the sample has these cases."""
+    objects = [obj for clip in clips for obj in clip.objects]
+    assert any(obj.direction == STILL for obj in objects)
+    assert any(obj.shape == "triangle" for obj in objects)
+    assert any(len(clip.objects) == 2 for clip in clips)
+    assert any(ground_truth_tracks(clip).overlapped.any() for clip in clips)
+
+
+def test_ground_truth_video_scores_perfectly(clips):
+    for clip in clips:
+        score = score_video(clip.video, clip)
+        assert score.direction_accuracy == 1.0, (clip.seed, score.predicted_directions)
+        assert score.centroid_error_px == pytest.approx(0.0, abs=1e-6)
+        assert score.visibility == 1.0
+        assert score.first_frame_psnr > 60
+
+
+def test_uint8_and_float_videos_score_the_same(clips):
+    clip = clips[0]
+    assert score_video(clip.video, clip) == score_video(clip.video / 255.0, clip)
+
+
+def test_tracker_follows_the_generator_trajectories(clips):
+    for clip in clips:
+        truth = ground_truth_tracks(clip)
+        tracks = track_objects(clip.video, clip, truth)
+        for index, obj in enumerate(clip.objects):
+            visible = ~truth.overlapped[index]
+            np.testing.assert_allclose(tracks[index, visible], truth.centroids[index, visible])
+            if obj.shape != "triangle":  # a triangle's centroid is below its box centre
+                error = np.abs(truth.centroids[index] - clip.trajectories[index])
+                assert error.max() <= 0.5  # pixel quantisation only
+
+
+def test_static_baseline_gets_only_still_objects_right(clips):
+    moving_errors = []
+    for clip in clips:
+        score = score_video(static_baseline(clip), clip)
+        still = [obj.direction == STILL for obj in clip.objects]
+        assert score.direction_accuracy == pytest.approx(np.mean(still))
+        assert score.first_frame_psnr == float("inf")
+        if not any(still):
+            moving_errors.append(score.centroid_error_px)
+    # Even the slowest object is 8 px away on average over a 17-frame clip.
+    assert min(moving_errors) > 3.0
+
+
+def test_another_motion_is_scored_wrong(clips):
+    for clip in clips:
+        partner = text_swap_partner(clip, CONFIG)
+        assert np.array_equal(partner.first_frame, clip.first_frame)
+        assert all(a.direction != b.direction for a, b in zip(clip.objects, partner.objects))
+        assert direction_accuracy(partner.video, clip) == 0.0
+
+
+def test_the_wrong_speed_in_the_right_direction_is_still_the_right_direction(clips):
+    for clip in clips[:8]:
+        for speed in ("slowly", "quickly"):
+            other_speed = render_clip(with_motion(clip.objects, [o.direction for o in clip.objects], speed), CONFIG)
+            assert direction_accuracy(other_speed.video, clip) == 1.0
+
+
+def test_colour_noise_within_tolerance_is_still_tracked(clips):
+    rng = np.random.default_rng(0)
+    margin = 0.05
+    for clip in clips[:6]:
+        video = clip.video / 255.0
+        noisy = np.clip(video + rng.uniform(-1, 1, video.shape) * (COLOUR_TOLERANCE - margin), 0, 1)
+        score = score_video(noisy, clip)
+        assert score.direction_accuracy == 1.0
+        assert score.centroid_error_px == pytest.approx(0.0, abs=1e-6)
+        # A colour shifted past the tolerance is a different colour: nothing is found.
+        shifted = np.clip(video - (COLOUR_TOLERANCE + margin), 0, 1)
+        assert score_video(shifted, clip).visibility == 0.0
+
+
+def test_direction_counts_bounces():
+    # Starts 2 px from the right wall moving right: it bounces at once and ends up far to the left.
+    clip = single_object_clip(x=64 - 7 - 2, direction="right", speed="quickly")
+    net_dx = clip.trajectories[0, -1, 0] - clip.trajectories[0, 0, 0]
+    assert net_dx < -20
+    assert predict_directions(clip.video, clip) == ["right"]
+
+
+@pytest.mark.parametrize("y, direction, same_path", [(7.0, "up", "down"), (57.0, "down", "up")])
+def test_a_motion_indistinguishable_from_the_caption_counts_as_the_caption(y, direction, same_path):
+    # Touching a wall and moving into it, the object bounces at once: its path is the opposite one.
+    clip = single_object_clip(y=y, direction=direction, speed="slowly")
+    twin = render_clip(with_motion(clip.objects, same_path), CONFIG)
+    assert np.array_equal(twin.video, clip.video)
+    assert predict_directions(clip.video, clip) == [direction]
+    # ... so the text-swap partner, drawn at random from the other motions, never asks for the twin.
+    for seed in range(40):
+        partner = text_swap_partner(single_object_clip(y=y, direction=direction, speed="slowly", seed=seed), CONFIG)
+        assert partner.objects[0].direction != same_path
+
+
+def drifting_video(clip, px_per_frame):
+    """The clip's single object drifting right at a speed no caption states."""
+    obj = clip.objects[0]
+    frames = [
+        render_clip([ShapeObject(obj.shape, obj.colour, obj.size_px, obj.x + px_per_frame * t, obj.y)], CONFIG).video[0]
+        for t in range(CONFIG.num_frames)
+    ]
+    return np.stack(frames)
+
+
+def test_still_means_slower_than_half_the_slowest_caption_speed():
+    slowest = 1.0  # "slowly" at 64 px
+    clip = single_object_clip(x=20.0, direction=STILL)
+    assert predict_directions(drifting_video(clip, 0.35 * slowest), clip) == [STILL]
+    assert predict_directions(drifting_video(clip, 0.65 * slowest), clip) == ["right"]
+
+
+def test_a_vanished_object_is_lost():
+    clip = single_object_clip(direction="left")
+    video = clip.video.copy()
+    video[2:] = 0  # gone after two frames
+    assert predict_directions(video, clip) == [LOST]
+    score = score_video(video, clip)
+    assert score.direction_accuracy == 0.0
+    assert score.visibility == pytest.approx(2 / CONFIG.num_frames)
+
+
+def test_text_swap_known_answers(clips):
+    partners = [text_swap_partner(clip, CONFIG) for clip in clips[:8]]
+    videos_a = [clip.video for clip in clips[:8]]
+    videos_b = [partner.video for partner in partners]
+    assert text_swap_score(videos_a, videos_b, clips[:8], partners) == 1.0
+    assert text_swap_score(videos_b, videos_a, clips[:8], partners) == 0.0  # each follows the other's caption
+    frozen = [static_baseline(clip) for clip in clips[:8]]
+    assert text_swap_score(frozen, frozen, clips[:8], partners) == 0.0
+    # One video right, the other frozen: the pair fails.
+    assert not text_swap_outcome(videos_a[0], frozen[0], clips[0], partners[0])
+
+
+def test_bad_video_shape_is_rejected(clips):
+    with pytest.raises(ValueError, match=r"\(T, H, W, 3\)"):
+        score_video(clips[0].video[..., 0], clips[0])
+    with pytest.raises(ValueError, match="ground truth's shape"):
+        score_video(clips[0].video[:5], clips[0])
+
+
+class FakePipeline:
+    """Answers each (first frame, caption) with the generator's own video, or the frozen first frame."""
+
+    def __init__(self, clips, static=False):
+        self.videos = {(clip.caption, clip.first_frame.tobytes()): clip.video for clip in clips}
+        self.static = static
+        self.calls = []
+        self._progress_bar_config = {"desc": "steps"}
+
+    def set_progress_bar_config(self, **kwargs):
+        self._progress_bar_config = kwargs
+
+    def __call__(self, image, prompt, num_frames, num_inference_steps, guidance_scale, generator, output_type):
+        assert output_type == "np" and len(image) == len(prompt) == len(generator)
+        seeds = [g.initial_seed() for g in generator]
+        quiet = self._progress_bar_config.get("disable", False)
+        self.calls.append(dict(prompts=prompt, seeds=seeds, steps=num_inference_steps, quiet=quiet))
+        videos = []
+        for frame, caption in zip(image, prompt):
+            video = self.videos[(caption, np.asarray(frame).tobytes())]  # KeyError: not a validation scene
+            videos.append(static_baseline_of(video) if self.static else video)
+        return types.SimpleNamespace(frames=np.stack(videos).astype(np.float32) / 255.0)
+
+
+def static_baseline_of(video):
+    return np.repeat(video[:1], len(video), axis=0)
+
+
+def validation_clips(num_scenes, seed=0):
+    dataset = ShapesDataset(num_scenes, split="validation", config=CONFIG, seed=seed)
+    scenes = [dataset.clip(index) for index in range(num_scenes)]
+    return scenes + [text_swap_partner(clip, CONFIG) for clip in scenes]
+
+
+def test_evaluate_pipeline_with_a_perfect_fake():
+    pipe = FakePipeline(validation_clips(4))
+    results = evaluate_pipeline(pipe, num_scenes=4, num_inference_steps=3, batch_size=3, progress=False)
+    model, baseline = results["model"], results["static_baseline"]
+    assert model["direction_accuracy"] == 1.0 and model["text_swap"] == 1.0
+    assert model["centroid_error_px"] == pytest.approx(0.0, abs=1e-6)
+    assert model["frechet_distance"] == pytest.approx(0.0, abs=1e-9)
+    assert baseline["direction_accuracy"] < 1.0 and baseline["text_swap"] == 0.0
+    assert baseline["centroid_error_px"] > 1.0 and baseline["frechet_distance"] > 0
+    # 4 scenes + 4 partners in batches of 3; each partner gets its scene's noise seed.
+    assert [len(call["prompts"]) for call in pipe.calls] == [3, 3, 2]
+    assert all(call["steps"] == 3 for call in pipe.calls)
+    # The pipeline's own step bar is off while evaluating, and restored afterwards.
+    assert all(call["quiet"] for call in pipe.calls) and pipe._progress_bar_config == {"desc": "steps"}
+    seeds = [seed for call in pipe.calls for seed in call["seeds"]]
+    assert seeds[:4] == seeds[4:] and len(set(seeds[:4])) == 4
+    assert len(results["scenes"]) == 4 and results["seconds_per_video"] >= 0
+
+
+def test_evaluate_pipeline_with_a_static_fake_matches_the_baseline():
+    pipe = FakePipeline(validation_clips(3, seed=5), static=True)
+    results = evaluate_pipeline(pipe, num_scenes=3, seed=5, text_swap=True, progress=False)
+    for key in ("direction_accuracy", "centroid_error_px", "visibility", "text_swap", "frechet_distance"):
+        assert results["model"][key] == pytest.approx(results["static_baseline"][key])
+
+
+def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
+    fake_generate = types.ModuleType("generate")
+    fake_generate.load_pipeline = lambda model, heun=False: FakePipeline(validation_clips(2))
+    monkeypatch.setitem(sys.modules, "generate", fake_generate)
+    spec = importlib.util.spec_from_file_location("evaluate_script", EVALUATE_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "eval.json"
+    script.main(["--model", "fake", "--n", "2", "--steps", "2", "--batch-size", "4", "--out", str(out)])
+    table = capsys.readouterr().out
+    assert "| direction accuracy | 1.000 |" in table and "static baseline" in table
+    written = json.loads(out.read_text())  # strict JSON: the perfect first frame's infinite PSNR is a string
+    assert written["model"]["first_frame_psnr"] == "inf"
+    assert written["settings"]["num_scenes"] == 2 and written["model_path"] == "fake"
