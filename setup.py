@@ -22,8 +22,8 @@ setup(
     },
     package_data={"nanoi2v_diffusers.training": ["configs/*.yaml", "accelerate_configs/*.yaml"]},
     install_requires=[
-        "torch>=2.1",
-        "diffusers>=0.35",
+        "torch>=2.4",
+        "diffusers>=0.42",
         "transformers>=4.45",
         "accelerate>=1.0",
         "safetensors>=0.4",

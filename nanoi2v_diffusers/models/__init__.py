@@ -1,0 +1,2 @@
+from .autoencoder_kl_nanoi2v import VAE_PRESETS, AutoencoderKLNanoI2V
+from .transformer_nanoi2v import TRANSFORMER_PRESETS, NanoI2VTransformer3DModel

@@ -1,0 +1,516 @@
+"""NanoI2VTransformer3DModel: the diffusion transformer over video latents (DESIGN.md section 4).
+
+The noisy latents and the image condition are concatenated on channels, cut into 3D patches and
+embedded as tokens `(B, N, dim)` with `N = T' * H' * W'` (the patch grid). Each block applies
+adaLN-modulated self-attention (QK RMSNorm, 3D RoPE), cross-attention to the text tokens and an MLP;
+a final adaLN + linear maps the tokens back to patches.
+
+Written with the GPU path in mind: one fused QKV projection per self-attention, RoPE tables built
+once per (grid, device, dtype) outside the blocks, and blocks without data-dependent Python
+control flow, so `compile_repeated_blocks()` compiles them without graph breaks.
+"""
+
+import math
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import FeedForward
+from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import apply_lora_scale
+
+# Size presets, DiT-style: S and B follow DiT-S/B (width 384/768, 12 layers, 6/12 heads of 64).
+TRANSFORMER_PRESETS: Dict[str, Dict[str, int]] = {
+    "tiny": {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512},
+    "S": {"num_layers": 12, "num_attention_heads": 6, "attention_head_dim": 64, "ffn_dim": 1536},
+    "B": {"num_layers": 12, "num_attention_heads": 12, "attention_head_dim": 64, "ffn_dim": 3072},
+}
+
+ATTENTION_TYPES = ("full", "factorized")
+# Modulation vectors (shift, scale, gate) per adaLN-modulated sub-layer.
+MODULATIONS_PER_SUBLAYER = 3
+# RoPE tables kept per model: one per (grid, device, dtype) seen recently; enough for a
+# resolution sweep without growing without bound.
+MAX_CACHED_ROPE_GRIDS = 8
+
+
+def _num_modulations(attention_type: str) -> int:
+    """Modulation vectors per block, ordered self-attention, MLP, [temporal self-attention].
+
+    Cross-attention is not modulated (its output projection starts at zero instead)."""
+    num_self_attentions = 2 if attention_type == "factorized" else 1
+    return MODULATIONS_PER_SUBLAYER * (num_self_attentions + 1)
+
+
+def _rope_axis_dims(attention_head_dim: int) -> Tuple[int, int, int]:
+    """Split a head's channels over (t, h, w): height and width get equal even shares, time the rest."""
+    spatial = 2 * (attention_head_dim // 6)
+    return attention_head_dim - 2 * spatial, spatial, spatial
+
+
+def _nearest_multiple(size: int, multiple: int) -> int:
+    return max(multiple, round(size / multiple) * multiple)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of `x` (B, N, heads, D) with the (N, 1, D) tables of
+    `NanoI2VRotaryPosEmbed`: `freqs_cos = [cos, cos]`, `freqs_sin = [-sin, sin]` over the two halves."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * freqs_cos, torch.cat((x2, x1), dim=-1), freqs_sin)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(shift, x, 1 + scale)  # one fused pass for x * (1 + scale) + shift
+
+
+class NanoI2VRotaryPosEmbed(nn.Module):
+    """3D rotary position embedding for any (T', H', W') patch grid, computed at call time.
+
+    Tables hold no parameters and are not saved; they are cached per grid, device, dtype and
+    inference mode (a table made under `torch.inference_mode` cannot be used for autograd).
+    """
+
+    def __init__(self, attention_head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.axis_dims = _rope_axis_dims(attention_head_dim)
+        self.theta = theta
+        self._cache: "OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+
+    def _axis_angles(self, length: int, dim: int) -> torch.Tensor:
+        inv_freq = self.theta ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        return torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (length, dim / 2)
+
+    def _angles(self, grid: Tuple[int, int, int]) -> torch.Tensor:
+        """Rotation angle of each token and frequency: (N, 1, D / 2), the middle axis broadcasts over heads."""
+        t, h, w = grid
+        angles_t, angles_h, angles_w = (self._axis_angles(n, d) for n, d in zip(grid, self.axis_dims))
+        angles = torch.cat(
+            [
+                angles_t[:, None, None].expand(t, h, w, -1),
+                angles_h[None, :, None].expand(t, h, w, -1),
+                angles_w[None, None, :].expand(t, h, w, -1),
+            ],
+            dim=-1,
+        )
+        return angles.reshape(t * h * w, 1, -1)
+
+    def forward(
+        self, grid: Tuple[int, int, int], device: torch.device, dtype: torch.dtype
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (freqs_cos, freqs_sin), each (N, 1, D), laid out for `apply_rotary_emb`."""
+        key = (tuple(grid), torch.device(device), dtype, torch.is_inference_mode_enabled())
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        # Built in float64 on the CPU (exact angles; some devices lack float64), then cast once.
+        angles = self._angles(grid)
+        cos, sin = angles.cos(), angles.sin()
+        tables = tuple(torch.cat(halves, dim=-1).to(device, dtype) for halves in ((cos, cos), (-sin, sin)))
+        self._cache[key] = tables
+        if len(self._cache) > MAX_CACHED_ROPE_GRIDS:
+            self._cache.popitem(last=False)
+        return tables
+
+
+def _full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Every token attends to every token. q, k, v, output: (B, N, heads, D)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def _spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Tokens attend within their own frame: (B, T*S, heads, D) -> (B*T, heads, S, D) views."""
+    b, n, heads, d = q.shape
+    q, k, v = (x.reshape(b * num_frames, n // num_frames, heads, d).transpose(1, 2) for x in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)  # (B*T, heads, S, D)
+    return out.transpose(1, 2).reshape(b, n, heads, d)
+
+
+def _temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """Tokens attend across frames at their own (h, w) position: (B, T*S, heads, D) -> (B*S, heads, T, D)."""
+    b, n, heads, d = q.shape
+    s = n // num_frames
+    q, k, v = (
+        x.reshape(b, num_frames, s, heads, d).permute(0, 2, 3, 1, 4).reshape(b * s, heads, num_frames, d)
+        for x in (q, k, v)
+    )
+    out = F.scaled_dot_product_attention(q, k, v)  # (B*S, heads, T, D)
+    return out.reshape(b, s, heads, num_frames, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)
+
+
+_ATTENTION_FUNCTIONS = {"full": _full_attention, "spatial": _spatial_attention, "temporal": _temporal_attention}
+
+
+class NanoI2VSelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection, per-head QK RMSNorm and 3D RoPE.
+
+    `axes` picks which tokens attend to each other: "full" (all), "spatial" (same frame) or
+    "temporal" (same position across frames). RoPE is relative, so the full 3D table serves all
+    three: the angles of the axes a token pair shares cancel in q.k.
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_norm: bool, eps: float, axes: str = "full"):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attend = _ATTENTION_FUNCTIONS[axes]
+        self.to_qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.norm_q = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.to_out = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(
+        self, hidden_states: torch.Tensor, rotary_emb: Tuple[torch.Tensor, torch.Tensor], num_frames: int
+    ) -> torch.Tensor:
+        qkv = self.to_qkv(hidden_states).unflatten(-1, (3, self.num_heads, -1))  # (B, N, 3, heads, D)
+        q, k, v = qkv.unbind(2)
+        q = apply_rotary_emb(self.norm_q(q), *rotary_emb)
+        k = apply_rotary_emb(self.norm_k(k), *rotary_emb)
+        out = self.attend(q, k, v, num_frames)  # (B, N, heads, D)
+        return self.to_out(out.flatten(2))
+
+
+class NanoI2VCrossAttention(nn.Module):
+    """Video tokens attend to text tokens; key and value come from one fused projection.
+
+    The output projection starts at zero, so a fresh block ignores the text (adaLN-Zero identity).
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, num_heads * head_dim)
+        self.to_kv = nn.Linear(dim, 2 * num_heads * head_dim)
+        self.norm_q = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_k = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.to_out = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        has_text: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        q = self.norm_q(self.to_q(hidden_states).unflatten(-1, (self.num_heads, -1)))  # (B, N, heads, D)
+        k, v = self.to_kv(encoder_hidden_states).unflatten(-1, (2, self.num_heads, -1)).unbind(2)  # (B, L, heads, D)
+        k = self.norm_k(k)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_mask
+        )  # (B, heads, N, D)
+        out = self.to_out(out.transpose(1, 2).flatten(2))
+        if has_text is not None:
+            out = out * has_text  # rows whose tokens are all padding get no text signal
+        return out
+
+
+class NanoI2VTransformerBlock(nn.Module):
+    """adaLN-modulated self-attention (full, or spatial then temporal) + cross-attention + MLP.
+
+    All gates come from the modulation, which starts at zero, so a fresh block is the identity.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        head_dim: int,
+        qk_norm: bool = True,
+        cross_attn_norm: bool = True,
+        eps: float = 1e-6,
+        attention_type: str = "full",
+    ):
+        super().__init__()
+        factorized = attention_type == "factorized"
+        self.norm1 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.attn1 = NanoI2VSelfAttention(dim, num_heads, head_dim, qk_norm, eps, "spatial" if factorized else "full")
+        self.attn_temporal = (
+            NanoI2VSelfAttention(dim, num_heads, head_dim, qk_norm, eps, "temporal") if factorized else None
+        )
+        self.norm2 = nn.LayerNorm(dim, eps=eps) if cross_attn_norm else nn.Identity()
+        self.attn2 = NanoI2VCrossAttention(dim, num_heads, head_dim, qk_norm, eps)
+        self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        # Exact (erf) GELU: the tanh form only approximates it and is 2x slower forward + backward on CPU.
+        self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu")
+        # Per-block offsets on the shared timestep modulation (adaLN-single, as PixArt-alpha and Wan).
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, _num_modulations(attention_type), dim))
+
+    def _modulated_attention(self, attn, hidden_states, shift, scale, gate, rotary_emb, num_frames):
+        attn_output = attn(_modulate(self.norm1(hidden_states), shift, scale), rotary_emb, num_frames)
+        return torch.addcmul(hidden_states, attn_output, gate)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        modulation: torch.Tensor,
+        rotary_emb: Tuple[torch.Tensor, torch.Tensor],
+        num_frames: int,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        has_text: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        # hidden_states: (B, N, dim); modulation: (B, num_modulations, dim) -> one (shift, scale, gate)
+        # triple per modulated sub-layer, each (B, 1, dim); the temporal triple exists only if factorized.
+        groups = (self.scale_shift_table + modulation).split(MODULATIONS_PER_SUBLAYER, dim=1)
+        attn_mod, ffn_mod, *temporal_mod = (group.chunk(MODULATIONS_PER_SUBLAYER, dim=1) for group in groups)
+
+        hidden_states = self._modulated_attention(self.attn1, hidden_states, *attn_mod, rotary_emb, num_frames)
+        if self.attn_temporal is not None:
+            hidden_states = self._modulated_attention(
+                self.attn_temporal, hidden_states, *temporal_mod[0], rotary_emb, num_frames
+            )
+
+        hidden_states = hidden_states + self.attn2(
+            self.norm2(hidden_states), encoder_hidden_states, encoder_attention_mask, has_text
+        )
+
+        ffn_shift, ffn_scale, ffn_gate = ffn_mod
+        ff_output = self.ffn(_modulate(self.norm3(hidden_states), ffn_shift, ffn_scale))
+        return torch.addcmul(hidden_states, ff_output, ffn_gate)
+
+
+class NanoI2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""
+    Diffusion transformer for image-to-video flow matching: predicts the velocity `noise - x0`.
+
+    Args:
+        patch_size (`Tuple[int, int, int]`, defaults to `(1, 2, 2)`): Patch size over (T, H, W) of the latents.
+        in_channels (`int`, defaults to 33): All input channels: noisy latents + image condition
+            (latents + mask, see `nanoi2v_diffusers.conditioning`).
+        out_channels (`int`, defaults to 16): Latent channels of the noisy input and of the output.
+        num_layers (`int`, defaults to 12): Number of transformer blocks.
+        num_attention_heads (`int`, defaults to 6): Attention heads; width = heads * head dim.
+        attention_head_dim (`int`, defaults to 64): Channels per head (even, at least 6, for 3D RoPE).
+        ffn_dim (`int`, defaults to 1536): Hidden size of the MLP.
+        text_dim (`int`, defaults to 384): Hidden size of the text encoder.
+        freq_dim (`int`, defaults to 256): Size of the sinusoidal timestep embedding.
+        qk_norm (`bool`, defaults to `True`): RMSNorm on each head's queries and keys.
+        cross_attn_norm (`bool`, defaults to `True`): LayerNorm before cross-attention.
+        eps (`float`, defaults to 1e-6): Epsilon of the normalisation layers.
+        attention_type (`str`, defaults to `"full"`): `"full"` 3D attention, or `"factorized"`: spatial
+            attention within each frame, then temporal attention across frames.
+        rope_theta (`float`, defaults to 10000.0): Base of the rotary embedding frequencies.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["NanoI2VTransformerBlock"]
+    _repeated_blocks = ["NanoI2VTransformerBlock"]
+    _skip_layerwise_casting_patterns = ["patch_embedding", "time_embedder", "time_modulation", "norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: Tuple[int, int, int] = (1, 2, 2),
+        in_channels: int = 33,
+        out_channels: int = 16,
+        num_layers: int = 12,
+        num_attention_heads: int = 6,
+        attention_head_dim: int = 64,
+        ffn_dim: int = 1536,
+        text_dim: int = 384,
+        freq_dim: int = 256,
+        qk_norm: bool = True,
+        cross_attn_norm: bool = True,
+        eps: float = 1e-6,
+        attention_type: str = "full",
+        rope_theta: float = 10000.0,
+    ):
+        super().__init__()
+        self._check_config(patch_size, in_channels, out_channels, attention_head_dim, attention_type)
+        inner_dim = num_attention_heads * attention_head_dim
+        num_modulations = _num_modulations(attention_type)
+
+        self.rope = NanoI2VRotaryPosEmbed(attention_head_dim, rope_theta)
+        self.patch_embedding = nn.Linear(in_channels * math.prod(patch_size), inner_dim)
+        self.timesteps_proj = Timesteps(freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedder = TimestepEmbedding(freq_dim, inner_dim)
+        self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(inner_dim, num_modulations * inner_dim))
+        self.text_embedder = PixArtAlphaTextProjection(text_dim, inner_dim, act_fn="gelu_tanh")
+
+        self.blocks = nn.ModuleList(
+            [
+                NanoI2VTransformerBlock(
+                    inner_dim,
+                    ffn_dim,
+                    num_attention_heads,
+                    attention_head_dim,
+                    qk_norm,
+                    cross_attn_norm,
+                    eps,
+                    attention_type,
+                )
+                for _ in range(num_layers)
+            ]
+        )
+
+        self.norm_out = nn.LayerNorm(inner_dim, eps=eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, 2, inner_dim))  # final (shift, scale) offsets
+        self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
+        self.gradient_checkpointing = False
+        self._zero_init_outputs()
+
+    @staticmethod
+    def _check_config(patch_size, in_channels, out_channels, attention_head_dim, attention_type):
+        if len(patch_size) != 3:
+            raise ValueError(f"patch_size must be 3 ints (t, h, w); got {patch_size}.")
+        if in_channels < out_channels:
+            raise ValueError(
+                f"in_channels (noisy latents + condition) must be >= out_channels; got {in_channels} < {out_channels}."
+            )
+        if attention_head_dim % 2 or attention_head_dim < 6:
+            raise ValueError(
+                "attention_head_dim must be even and at least 6 to split 3D RoPE over (t, h, w); "
+                f"got {attention_head_dim}, nearest valid is {max(6, attention_head_dim + 1)}."
+            )
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}; got {attention_type!r}.")
+
+    def _zero_init_outputs(self):
+        """adaLN-Zero: the modulation (so every gate), the cross-attention outputs and the final
+        projection start at zero: each fresh block is the identity and the model outputs zeros."""
+        for module in (self.time_modulation[1], self.proj_out, *(block.attn2.to_out for block in self.blocks)):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "NanoI2VTransformer3DModel":
+        """Build a model from `TRANSFORMER_PRESETS[name]`; keyword overrides win over the preset."""
+        if name not in TRANSFORMER_PRESETS:
+            raise ValueError(f"Unknown transformer preset {name!r}; choose one of {sorted(TRANSFORMER_PRESETS)}.")
+        return cls(**{**TRANSFORMER_PRESETS[name], **overrides})
+
+    def _check_inputs(self, hidden_states, encoder_hidden_states, encoder_attention_mask, condition):
+        config = self.config
+        if hidden_states.ndim != 5:
+            raise ValueError(f"hidden_states must be (B, C, T, H, W); got shape {tuple(hidden_states.shape)}.")
+        batch_size, channels, *sizes = hidden_states.shape
+        if channels != config.out_channels:
+            raise ValueError(
+                f"hidden_states must have out_channels={config.out_channels} channels (the noisy latents; the image "
+                f"condition goes in `condition`); got {channels}."
+            )
+        for axis, size, patch in zip(("frames (T)", "height (H)", "width (W)"), sizes, config.patch_size):
+            if size % patch:
+                raise ValueError(
+                    f"hidden_states {axis} must be a multiple of patch_size {patch}; got {size}, "
+                    f"nearest valid is {_nearest_multiple(size, patch)}."
+                )
+        expected = (batch_size, config.in_channels - config.out_channels, *sizes)
+        if condition is not None and tuple(condition.shape) != expected:
+            raise ValueError(
+                f"condition must have shape {expected} (in_channels - out_channels = {expected[1]} channels); "
+                f"got {tuple(condition.shape)}."
+            )
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[::2] != (batch_size, config.text_dim):
+            raise ValueError(
+                f"encoder_hidden_states must be (B={batch_size}, L, text_dim={config.text_dim}); "
+                f"got {tuple(encoder_hidden_states.shape)}."
+            )
+        expected = tuple(encoder_hidden_states.shape[:2])
+        if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != expected:
+            raise ValueError(
+                f"encoder_attention_mask must be (B, L) = {expected}; got {tuple(encoder_attention_mask.shape)}."
+            )
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, N, C * p_t * p_h * p_w), tokens in (t, h, w) raster order."""
+        b, c, t, h, w = x.shape
+        p_t, p_h, p_w = self.config.patch_size
+        x = x.view(b, c, t // p_t, p_t, h // p_h, p_h, w // p_w, p_w)
+        return x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, -1, c * p_t * p_h * p_w)
+
+    def _unpatchify(self, x: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
+        """(B, N, C * p_t * p_h * p_w) -> (B, C, T, H, W), the inverse of `_patchify`."""
+        t, h, w = grid
+        p_t, p_h, p_w = self.config.patch_size
+        x = x.view(x.shape[0], t, h, w, -1, p_t, p_h, p_w)
+        return x.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(x.shape[0], -1, t * p_t, h * p_h, w * p_w)
+
+    def _embed_timestep(self, timestep, batch_size: int, dtype: torch.dtype, device: torch.device):
+        """-> temb (B, dim) and the shared block modulation (B, num_modulations, dim)."""
+        timestep = torch.as_tensor(timestep, device=device)
+        if timestep.numel() == 1:
+            timestep = timestep.reshape(1).expand(batch_size)
+        elif tuple(timestep.shape) != (batch_size,):
+            raise ValueError(f"timestep must be a scalar or (B={batch_size},); got shape {tuple(timestep.shape)}.")
+        temb = self.time_embedder(self.timesteps_proj(timestep).to(dtype))
+        modulation = self.time_modulation(temb).unflatten(1, (-1, temb.shape[-1]))
+        return temb, modulation
+
+    @staticmethod
+    def _text_attention_mask(encoder_attention_mask: Optional[torch.Tensor], dtype: torch.dtype):
+        """(B, L) keep-mask -> SDPA boolean mask (B, 1, 1, L) and a (B, 1, 1) flag of rows with any text.
+
+        A row whose tokens are all padding (e.g. an empty negative prompt) would softmax over nothing
+        and give NaN; it attends to its padding instead and its cross-attention output is zeroed.
+        """
+        if encoder_attention_mask is None:
+            return None, None
+        keep = encoder_attention_mask.bool()
+        has_text = keep.any(dim=1)  # (B,)
+        keep = keep | ~has_text[:, None]
+        return keep[:, None, None, :], has_text.to(dtype).view(-1, 1, 1)
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: Union[torch.Tensor, float],
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: Optional[torch.Tensor] = None,
+        condition: Optional[torch.Tensor] = None,
+        return_dict: bool = True,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
+    ) -> Union[Transformer2DModelOutput, Tuple[torch.Tensor]]:
+        """
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, out_channels, T, H, W)`): Noisy latents.
+            timestep (`torch.Tensor` of shape `(B,)` or scalar): Float timesteps in `[0, num_train_timesteps]`,
+                i.e. `sigma * 1000` with the default scheduler.
+            encoder_hidden_states (`torch.Tensor` of shape `(B, L, text_dim)`): Text encoder hidden states.
+            encoder_attention_mask (`torch.Tensor` of shape `(B, L)`, *optional*): 1 keeps a text token, 0 marks
+                padding. `None` keeps all.
+            condition (`torch.Tensor` of shape `(B, in_channels - out_channels, T, H, W)`, *optional*): The image
+                condition from `nanoi2v_diffusers.conditioning.build_image_condition`; `None` means no image.
+            return_dict (`bool`, defaults to `True`): Return a `Transformer2DModelOutput` instead of a tuple.
+            attention_kwargs (`dict`, *optional*): `{"scale": float}` scales the LoRA layers for this call.
+
+        Returns:
+            `Transformer2DModelOutput` with `sample` of shape `(B, out_channels, T, H, W)` (the predicted
+            velocity), or the tuple `(sample,)`.
+        """
+        self._check_inputs(hidden_states, encoder_hidden_states, encoder_attention_mask, condition)
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.config.patch_size
+        grid = (num_frames // p_t, height // p_h, width // p_w)
+
+        if condition is None:  # no image: zero latents and mask 0 (DESIGN.md section 5)
+            condition_channels = self.config.in_channels - self.config.out_channels
+            condition = hidden_states.new_zeros((batch_size, condition_channels, num_frames, height, width))
+        tokens = self.patch_embedding(self._patchify(torch.cat([hidden_states, condition], dim=1)))  # (B, N, dim)
+
+        rotary_emb = self.rope(grid, tokens.device, tokens.dtype)
+        temb, modulation = self._embed_timestep(timestep, batch_size, tokens.dtype, tokens.device)
+        context = self.text_embedder(encoder_hidden_states.to(tokens.dtype))  # (B, L, dim)
+        text_mask, has_text = self._text_attention_mask(encoder_attention_mask, tokens.dtype)
+
+        block_args = (context, modulation, rotary_emb, grid[0], text_mask, has_text)
+        for block in self.blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, tokens, *block_args)
+            else:
+                tokens = block(tokens, *block_args)
+
+        shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)  # each (B, 1, dim)
+        tokens = self.proj_out(_modulate(self.norm_out(tokens), shift, scale))
+        output = self._unpatchify(tokens, grid)
+
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
