@@ -1,0 +1,551 @@
+"""NanoI2VPipeline: image + text -> video with a causal 3D VAE, a DiT and flow matching.
+
+The image is encoded by the VAE as a one-frame video; its latent becomes latent frame 0 of a
+conditioning video that the transformer sees beside the noisy latents (DESIGN.md section 5,
+`nanoi2v_diffusers.conditioning`). Without an image the pipeline does text-to-video, and without
+text (prompt None or "") unconditional generation.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from nanoi2v_diffusers.conditioning import build_image_condition
+from nanoi2v_diffusers.models.autoencoder_kl_nanoi2v import AutoencoderKLNanoI2V
+from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel
+from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler, calculate_shift
+from nanoi2v_diffusers.size_rules import check_frame_count, check_multiple
+from nanoi2v_diffusers.text_encoders import encode_text, null_text_embeds
+
+logger = logging.get_logger(__name__)
+
+PipelineImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor, List[PIL.Image.Image], List[np.ndarray], List[torch.Tensor]]
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+DEFAULT_RESOLUTION = 64  # the built-in shapes model's size, used when neither an image nor a size is given
+DEFAULT_MAX_SEQUENCE_LENGTH = 64
+# The resize rule for conditioning images whose aspect ratio differs from (height, width): scale to
+# cover the target, then center-crop (nothing is stretched, the borders are cut).
+IMAGE_RESIZE_MODE = "crop"
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from PIL import Image
+        >>> from nanoi2v_diffusers import NanoI2VPipeline
+        >>> from nanoi2v_diffusers.data import write_video
+
+        >>> pipe = NanoI2VPipeline.from_pretrained("examples/nanoi2v-shapes-64")
+        >>> image = Image.open("first_frame.png")
+        >>> video = pipe(image=image, prompt="a red circle moves left", generator=torch.manual_seed(0)).frames[0]
+        >>> write_video("out.mp4", (video * 255).round().astype("uint8"), fps=8)
+        ```
+"""
+
+
+@dataclass
+class NanoI2VPipelineOutput(BaseOutput):
+    r"""
+    Output of [`NanoI2VPipeline`].
+
+    Args:
+        frames (`np.ndarray`, `torch.Tensor` or `List[List[PIL.Image.Image]]`):
+            The generated videos: `(B, F, H, W, C)` floats in [0, 1] for "np", `(B, F, C, H, W)` for "pt", a list of
+            `B` lists of `F` PIL images for "pil", or the `(B, C, T, h, w)` latents for "latent".
+    """
+
+    frames: Union[np.ndarray, torch.Tensor, List[List[PIL.Image.Image]]]
+
+
+class NanoI2VPipeline(DiffusionPipeline):
+    r"""
+    Image-to-video (and text-to-video, unconditional) generation with classifier-free guidance.
+
+    Args:
+        vae ([`AutoencoderKLNanoI2V`]): causal 3D VAE; encodes the conditioning image and decodes the latents.
+        transformer ([`NanoI2VTransformer3DModel`]): predicts the flow-matching velocity of the latents.
+        scheduler ([`NanoI2VFlowMatchScheduler`] or diffusers' `FlowMatchEulerDiscreteScheduler`): the sampler.
+        text_encoder ([`~transformers.PreTrainedModel`], *optional*): any transformers text encoder whose
+            `last_hidden_state` has `transformer.config.text_dim` features (BERT, T5 encoder, CLIP text).
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*): the text encoder's tokenizer.
+            Both may be left out when `prompt_embeds` are passed in.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["text_encoder", "tokenizer"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKLNanoI2V,
+        transformer: NanoI2VTransformer3DModel,
+        scheduler: NanoI2VFlowMatchScheduler,
+        text_encoder: Optional[PreTrainedModel] = None,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
+        )
+        self.vae_scale_factor_spatial = vae.spatial_compression_ratio if vae is not None else 8
+        self.vae_scale_factor_temporal = vae.temporal_compression_ratio if vae is not None else 4
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial, do_convert_rgb=True)
+
+    # ------------------------------------------------------------------ text
+
+    def _null_text(self, batch_size: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        return null_text_embeds(batch_size, self.transformer.config.text_dim, device=device, dtype=dtype)
+
+    def _encode_text(
+        self, prompt: List[str], max_sequence_length: int, device, dtype
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        if all(not p for p in prompt):
+            return self._null_text(len(prompt), device, dtype)
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError(
+                "This pipeline has no text_encoder/tokenizer: pass prompt_embeds, or load the pipeline with "
+                "`NanoI2VPipeline.from_pretrained(path, text_encoder=..., tokenizer=...)`."
+            )
+        return encode_text(self.text_encoder, self.tokenizer, prompt, max_sequence_length, device=device, dtype=dtype)
+
+    def encode_prompt(
+        self,
+        prompt: Optional[Union[str, List[str]]],
+        negative_prompt: Optional[Union[str, List[str]]] = None,
+        do_classifier_free_guidance: bool = True,
+        num_videos_per_prompt: int = 1,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_attention_mask: Optional[torch.Tensor] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        r"""
+        Encode the prompt (and the negative prompt when guidance is on) into text-encoder hidden states.
+
+        Args:
+            prompt (`str` or `List[str]`, *optional*): the prompt(s); None or "" means no text.
+            negative_prompt (`str` or `List[str]`, *optional*): what guidance steers away from; None means no text.
+            do_classifier_free_guidance (`bool`): also return the negative embeddings.
+            num_videos_per_prompt (`int`): repeats each embedding this many times.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): precomputed `(B, L, text_dim)`.
+            prompt_attention_mask, negative_prompt_attention_mask (`torch.Tensor`, *optional*): `(B, L)` masks for
+                the precomputed embeddings (1 = token, 0 = padding); all ones when left out.
+            max_sequence_length (`int`): longer prompts are truncated, with a warning.
+            device, dtype: where and in which dtype to return the embeddings.
+
+        Returns:
+            `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask)`; the
+            negative pair is None when `do_classifier_free_guidance` is False.
+        """
+        device = device or self._execution_device
+        dtype = dtype or self.transformer.dtype
+        if prompt_embeds is None:
+            prompts = _as_prompt_list(prompt)
+            prompt_embeds, prompt_attention_mask = self._encode_text(prompts, max_sequence_length, device, dtype)
+        else:
+            prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+            prompt_attention_mask = _default_mask(prompt_embeds, prompt_attention_mask)
+        batch_size = prompt_embeds.shape[0]
+
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negatives = _as_prompt_list(negative_prompt, batch_size)
+            if len(negatives) != batch_size:
+                raise ValueError(
+                    f"negative_prompt has {len(negatives)} entries but prompt has {batch_size}: pass one per prompt."
+                )
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_text(
+                negatives, max_sequence_length, device, dtype
+            )
+        elif negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+            negative_prompt_attention_mask = _default_mask(negative_prompt_embeds, negative_prompt_attention_mask)
+
+        repeat = lambda x: None if x is None else x.repeat_interleave(num_videos_per_prompt, dim=0)  # noqa: E731
+        return (
+            repeat(prompt_embeds),
+            repeat(prompt_attention_mask),
+            repeat(negative_prompt_embeds),
+            repeat(negative_prompt_attention_mask),
+        )
+
+    # ------------------------------------------------------------------ checks
+
+    @property
+    def _size_multiple(self) -> int:
+        return self.vae_scale_factor_spatial * self.transformer.config.patch_size[-1]
+
+    def check_inputs(
+        self,
+        image,
+        prompt,
+        negative_prompt,
+        height: int,
+        width: int,
+        num_frames: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        image_guidance_scale: Optional[float],
+        prompt_embeds,
+        negative_prompt_embeds,
+        latents,
+        output_type: str,
+        callback_on_step_end_tensor_inputs,
+    ):
+        patch = self.transformer.config.patch_size[-1]
+        why = f"VAE factor {self.vae_scale_factor_spatial} x patch size {patch}"
+        check_multiple("`height`", height, self._size_multiple, why)
+        check_multiple("`width`", width, self._size_multiple, why)
+        check_frame_count("`num_frames`", num_frames, self.vae_scale_factor_temporal)
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1; got {num_inference_steps}.")
+        for name, value in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
+            if value is not None and not value >= 1.0:
+                raise ValueError(f"`{name}` must be >= 1 (1 turns guidance off); got {value}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(
+                    f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}; got {unknown}."
+                )
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` must be a str or a list of str; got {type(prompt).__name__}.")
+        if image is not None:
+            num_images = _num_images(image)
+            num_prompts = _prompt_batch_size(prompt, prompt_embeds)
+            if num_prompts is not None and num_images not in (1, num_prompts):
+                raise ValueError(
+                    f"Got {num_images} images for {num_prompts} prompts: pass one image, or one image per prompt."
+                )
+        if latents is not None and not torch.isfinite(latents).all():
+            raise ValueError("`latents` contain NaN or inf values.")
+
+    # ------------------------------------------------------------------ latents
+
+    def _latent_shape(self, batch_size: int, num_frames: int, height: int, width: int) -> Tuple[int, ...]:
+        return (
+            batch_size,
+            self.transformer.config.out_channels,
+            (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+            height // self.vae_scale_factor_spatial,
+            width // self.vae_scale_factor_spatial,
+        )
+
+    def prepare_latents(
+        self, shape: Tuple[int, ...], dtype, device, generator, latents: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        if latents is not None:
+            if tuple(latents.shape) != tuple(shape):
+                raise ValueError(f"`latents` must have shape {tuple(shape)}; got {tuple(latents.shape)}.")
+            return latents.to(device=device, dtype=dtype)
+        if isinstance(generator, list) and len(generator) != shape[0]:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]} videos: pass one per video.")
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def encode_image(
+        self, image: PipelineImageInput, height: int, width: int, batch_size: int, device, dtype
+    ) -> torch.Tensor:
+        """VAE latents `(B, C, 1, h, w)` of the conditioning image(s), normalised like the training latents."""
+        image = [_integer_array_to_pil(i) for i in image] if isinstance(image, list) else _integer_array_to_pil(image)
+        pixels = self.video_processor.preprocess(image, height=height, width=width, resize_mode=IMAGE_RESIZE_MODE)
+        pixels = pixels.to(device=device, dtype=self.vae.dtype).unsqueeze(2)  # (N, C, 1, H, W)
+        # The mode of the posterior: the image is a condition, so no sampling noise is wanted.
+        image_latents = self.vae.encode(pixels).latent_dist.mode()
+        image_latents = self.vae.normalize_latents(image_latents).to(dtype)
+        if image_latents.shape[0] != batch_size:
+            image_latents = image_latents.repeat_interleave(batch_size // image_latents.shape[0], dim=0)
+        return image_latents
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str):
+        latents = self.vae.denormalize_latents(latents.to(self.vae.dtype))
+        video = self.vae.decode(latents, return_dict=False)[0]  # (B, C, F, H, W) in [-1, 1]
+        return self.video_processor.postprocess_video(video, output_type=output_type)
+
+    # ------------------------------------------------------------------ guidance
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0 or self._image_guidance_scale is not None
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def _guided_velocity(self, latents, timestep, condition, null_condition, text, null_text) -> torch.Tensor:
+        """One batched transformer call for all guidance branches, combined into one velocity.
+
+        Two-way CFG (text): v = v(-text, +image) + s * (v(+text, +image) - v(-text, +image)).
+        Three-way (with `image_guidance_scale`): v = v(-, -) + s_img * (v(-text, +image) - v(-, -))
+                                                        + s * (v(+text, +image) - v(-text, +image)).
+        """
+        embeds, mask = text
+        null_embeds, null_mask = null_text
+        branches = [(condition, embeds, mask)]
+        if self.do_classifier_free_guidance:
+            branches.append((condition, null_embeds, null_mask))
+        if self._image_guidance_scale is not None:
+            branches.append((null_condition, null_embeds, null_mask))
+
+        length = max(b[1].shape[1] for b in branches)
+        n = len(branches)
+        velocity = self.transformer(
+            hidden_states=torch.cat([latents] * n),
+            timestep=timestep.repeat(n),
+            encoder_hidden_states=torch.cat([_pad_tokens(e, length) for _, e, _ in branches]),
+            encoder_attention_mask=torch.cat([_pad_tokens(m, length) for _, _, m in branches]),
+            condition=torch.cat([c for c, _, _ in branches]),
+            return_dict=False,
+        )[0]
+        parts = velocity.chunk(n)
+        if n == 1:
+            return parts[0]
+        guided = parts[1] + self._guidance_scale * (parts[0] - parts[1])
+        if n == 3:
+            guided = guided + (self._image_guidance_scale - 1.0) * (parts[1] - parts[2])
+        return guided
+
+    # ------------------------------------------------------------------ call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: Optional[PipelineImageInput] = None,
+        prompt: Optional[Union[str, List[str]]] = None,
+        negative_prompt: Optional[Union[str, List[str]]] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_frames: int = 17,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        image_guidance_scale: Optional[float] = None,
+        num_videos_per_prompt: int = 1,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        prompt_attention_mask: Optional[torch.Tensor] = None,
+        negative_prompt_attention_mask: Optional[torch.Tensor] = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Optional[
+            Union[Callable[[Any, int, torch.Tensor, Dict], Dict], PipelineCallback, MultiPipelineCallbacks]
+        ] = None,
+        callback_on_step_end_tensor_inputs: Tuple[str, ...] = ("latents",),
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+    ):
+        r"""
+        Generate videos from an image and a prompt.
+
+        Args:
+            image (PIL image, `np.ndarray`, `torch.Tensor` or a list of them, *optional*): the first frame. Resized
+                to cover `(height, width)` and center-cropped. None gives text-to-video.
+            prompt (`str` or `List[str]`, *optional*): the motion to generate. None or "" gives no text
+                (unconditional generation when there is no image either; use `guidance_scale=1` then).
+            negative_prompt (`str` or `List[str]`, *optional*): the text guidance steers away from; None = no text.
+            height, width (`int`, *optional*): output size, multiples of VAE factor x patch size (16 by default).
+                Default: the image's size when an image is given, else 64.
+            num_frames (`int`, defaults to 17): `1 + 4k` frames.
+            num_inference_steps (`int`, defaults to 20): denoising steps (a Heun scheduler calls the model
+                twice per step but the last).
+            guidance_scale (`float`, defaults to 5.0): text guidance; 1 turns classifier-free guidance off.
+            image_guidance_scale (`float`, *optional*): separate image guidance (three branches in one batch);
+                None uses the image in both branches.
+            num_videos_per_prompt (`int`, defaults to 1): videos per prompt.
+            generator (`torch.Generator` or a list, one per video, *optional*): makes sampling deterministic.
+            latents (`torch.Tensor`, *optional*): initial noise `(B, C, T, h, w)`.
+            prompt_embeds, negative_prompt_embeds (`torch.Tensor`, *optional*): precomputed text embeddings.
+            prompt_attention_mask, negative_prompt_attention_mask (`torch.Tensor`, *optional*): their masks.
+            output_type (`str`, defaults to "np"): "np" `(B, F, H, W, C)`, "pt" `(B, F, C, H, W)`, "pil" or "latent".
+            return_dict (`bool`, defaults to True): return a [`NanoI2VPipelineOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, tensors)` after each
+                model evaluation; may return new values for the tensors it was given; set `pipe._interrupt = True`
+                to stop early.
+            callback_on_step_end_tensor_inputs (`Tuple[str]`): which tensors the callback receives.
+            max_sequence_length (`int`, defaults to 64): prompts are truncated to this many tokens.
+
+        Examples:
+
+        Returns:
+            [`NanoI2VPipelineOutput`] or `tuple`: the videos, in `.frames` (or the tuple's first element).
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        default_height, default_width = _image_size(image) if image is not None else (DEFAULT_RESOLUTION,) * 2
+        height = default_height if height is None else height
+        width = default_width if width is None else width
+        self.check_inputs(
+            image, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+            image_guidance_scale, prompt_embeds, negative_prompt_embeds, latents, output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._image_guidance_scale = image_guidance_scale if image is not None else None
+        self._interrupt = False
+        device = self._execution_device
+        dtype = self.transformer.dtype
+
+        # 1. Text
+        if prompt is None and prompt_embeds is None and image is not None:
+            prompt = [""] * _num_images(image)
+        embeds, mask, null_embeds, null_mask = self.encode_prompt(
+            prompt,
+            negative_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            num_videos_per_prompt=num_videos_per_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            prompt_attention_mask=prompt_attention_mask,
+            negative_prompt_attention_mask=negative_prompt_attention_mask,
+            max_sequence_length=max_sequence_length,
+            device=device,
+            dtype=dtype,
+        )
+        batch_size = embeds.shape[0]
+
+        # 2. Noise and the image condition
+        shape = self._latent_shape(batch_size, num_frames, height, width)
+        latents = self.prepare_latents(shape, torch.float32, device, generator, latents)
+        image_latents = None
+        if image is not None:
+            image_latents = self.encode_image(image, height, width, batch_size, device, dtype)
+        condition = build_image_condition(
+            image_latents, shape[2], batch_size=batch_size, latent_channels=shape[1], spatial_shape=shape[3:],
+            dtype=dtype, device=device,
+        )
+        null_condition = torch.zeros_like(condition)
+
+        # 3. Timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device, mu=self._dynamic_shift_mu(shape))
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+
+        # 4. Denoise (the loop is solver-agnostic: a second-order scheduler lists its stages as timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    break
+                velocity = self._guided_velocity(
+                    latents.to(dtype), t.expand(batch_size).to(dtype), condition, null_condition,
+                    (embeds, mask), (null_embeds, null_mask),
+                )
+                latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": null_embeds}
+                    outputs = callback_on_step_end(
+                        self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                    ) or {}
+                    latents = outputs.pop("latents", latents)
+                    embeds = outputs.pop("prompt_embeds", embeds)
+                    null_embeds = outputs.pop("negative_prompt_embeds", null_embeds)
+                progress_bar.update()
+
+        # 5. The first latent frame is the image's own latent: the causal VAE then decodes frame 0 as the
+        # VAE round trip of the input image, whatever the sampler did there.
+        if image_latents is not None:
+            latents[:, :, :1] = image_latents.to(latents.dtype)
+
+        frames = latents if output_type == "latent" else self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return NanoI2VPipelineOutput(frames=frames)
+
+    def _dynamic_shift_mu(self, latent_shape: Tuple[int, ...]) -> Optional[float]:
+        """Resolution-dependent timestep shift for schedulers configured with `use_dynamic_shifting`."""
+        config = self.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return None
+        pt, ph, pw = self.transformer.config.patch_size
+        _, _, t, h, w = latent_shape
+        seq_len = (t // pt) * (h // ph) * (w // pw)
+        return calculate_shift(
+            seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
+        )
+
+
+def _as_prompt_list(prompt: Optional[Union[str, List[str]]], batch_size: int = 1) -> List[str]:
+    if prompt is None:
+        return [""] * batch_size
+    if isinstance(prompt, str):
+        return [prompt] * batch_size if batch_size > 1 else [prompt]
+    return [p or "" for p in prompt]
+
+
+def _default_mask(embeds: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    return mask.to(embeds.device)
+
+
+def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad `(B, L, ...)` embeddings or masks to `length` tokens (padding is masked out)."""
+    missing = length - x.shape[1]
+    if missing == 0:
+        return x
+    return torch.cat([x, x.new_zeros((x.shape[0], missing, *x.shape[2:]))], dim=1)
+
+
+def _integer_array_to_pil(image):
+    """diffusers' image processor reads numpy arrays as floats in [0, 1]; uint8 images become PIL images."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        if image.ndim == 4:
+            return [PIL.Image.fromarray(frame) for frame in image]
+        return PIL.Image.fromarray(image)
+    return image
+
+
+def _num_images(image) -> int:
+    if isinstance(image, list):
+        return len(image)
+    if isinstance(image, torch.Tensor) and image.ndim == 4:
+        return image.shape[0]
+    if isinstance(image, np.ndarray) and image.ndim == 4:
+        return image.shape[0]
+    return 1
+
+
+def _prompt_batch_size(prompt, prompt_embeds) -> Optional[int]:
+    if isinstance(prompt, list):
+        return len(prompt)
+    if isinstance(prompt, str):
+        return 1
+    if prompt_embeds is not None:
+        return prompt_embeds.shape[0]
+    return None
+
+
+def _image_size(image) -> Tuple[int, int]:
+    """(height, width) of a PIL image, an `(H, W, C)` array or a `(C, H, W)` tensor, or the first of a list."""
+    first = image[0] if isinstance(image, list) else image
+    if isinstance(first, PIL.Image.Image):
+        return first.height, first.width
+    if isinstance(first, np.ndarray):
+        return first.shape[-3], first.shape[-2]
+    return first.shape[-2], first.shape[-1]

@@ -1,0 +1,408 @@
+"""NanoI2VPipeline with tiny random components, following diffusers' pipeline-test layout."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from huggingface_hub import ModelCard
+
+from nanoi2v_diffusers import (
+    AutoencoderKLNanoI2V,
+    NanoI2VFlowMatchScheduler,
+    NanoI2VPipeline,
+    NanoI2VPipelineOutput,
+    NanoI2VTransformer3DModel,
+)
+from nanoi2v_diffusers import hub_utils
+from nanoi2v_diffusers.conditioning import num_condition_channels
+from nanoi2v_diffusers.data import generate_shapes_clip, ShapesConfig
+from nanoi2v_diffusers.models.autoencoder_kl_nanoi2v import VAE_PRESETS
+from nanoi2v_diffusers.text_encoders import load_text_encoder, save_tiny_random_text_encoder
+
+SIZE = 32
+FRAMES = 5
+TEXT_DIM = 32
+PROMPT = "a red circle moves left"
+
+
+def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """adaLN-Zero makes a fresh transformer output zeros; random weights make every input matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * std)
+
+
+class CallRecorder:
+    """Wraps the transformer's forward to record what each call received."""
+
+    def __init__(self, transformer):
+        self.calls = []
+        self._forward = transformer.forward
+        transformer.forward = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append({k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+        return self._forward(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def text_encoder_dir(tmp_path_factory):
+    return save_tiny_random_text_encoder(tmp_path_factory.mktemp("tiny_bert"), hidden_size=TEXT_DIM)
+
+
+class TestNanoI2VPipeline:
+    pipeline_class = NanoI2VPipeline
+
+    @pytest.fixture(autouse=True)
+    def _text_encoder_dir(self, text_encoder_dir):
+        self.text_encoder_dir = text_encoder_dir
+
+    def get_dummy_components(self, scheduler=None):
+        torch.manual_seed(0)
+        vae = AutoencoderKLNanoI2V(**VAE_PRESETS["tiny"]).eval()
+        latent_channels = vae.config.latent_channels
+        transformer = NanoI2VTransformer3DModel(
+            in_channels=latent_channels + num_condition_channels(latent_channels),
+            out_channels=latent_channels,
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            ffn_dim=64,
+            text_dim=TEXT_DIM,
+            freq_dim=32,
+        ).eval()
+        _randomize(transformer, seed=1)
+        text_encoder, tokenizer = load_text_encoder(str(self.text_encoder_dir))
+        return {
+            "vae": vae,
+            "transformer": transformer,
+            "scheduler": scheduler or NanoI2VFlowMatchScheduler(shift=3.0),
+            "text_encoder": text_encoder,
+            "tokenizer": tokenizer,
+        }
+
+    def get_dummy_inputs(self, seed=0, **overrides):
+        clip = generate_shapes_clip(seed=0, config=ShapesConfig(canvas_size=SIZE, num_frames=FRAMES))
+        inputs = {
+            "image": PIL.Image.fromarray(clip.first_frame),
+            "prompt": PROMPT,
+            "num_frames": FRAMES,
+            "num_inference_steps": 2,
+            "guidance_scale": 3.0,
+            "generator": torch.Generator().manual_seed(seed),
+            "output_type": "np",
+        }
+        inputs.update(overrides)
+        return inputs
+
+    def get_pipe(self, **component_overrides):
+        components = self.get_dummy_components()
+        components.update(component_overrides)
+        pipe = self.pipeline_class(**components)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # ------------------------------------------------------------------ outputs
+
+    @pytest.mark.parametrize("output_type", ["np", "pt", "pil", "latent"])
+    def test_output_types(self, output_type):
+        pipe = self.get_pipe()
+        frames = pipe(**self.get_dummy_inputs(output_type=output_type)).frames
+        if output_type == "np":
+            assert isinstance(frames, np.ndarray) and frames.shape == (1, FRAMES, SIZE, SIZE, 3)
+            assert frames.min() >= 0.0 and frames.max() <= 1.0
+        elif output_type == "pt":
+            assert frames.shape == (1, FRAMES, 3, SIZE, SIZE)
+        elif output_type == "pil":
+            assert len(frames) == 1 and len(frames[0]) == FRAMES
+            assert isinstance(frames[0][0], PIL.Image.Image) and frames[0][0].size == (SIZE, SIZE)
+        else:
+            latent_frames = (FRAMES - 1) // pipe.vae_scale_factor_temporal + 1
+            latent_size = SIZE // pipe.vae_scale_factor_spatial
+            expected = (1, pipe.transformer.config.out_channels, latent_frames, latent_size, latent_size)
+            assert tuple(frames.shape) == expected
+
+    def test_return_tuple(self):
+        pipe = self.get_pipe()
+        as_tuple = pipe(**self.get_dummy_inputs(), return_dict=False)
+        as_output = pipe(**self.get_dummy_inputs())
+        assert isinstance(as_tuple, tuple) and isinstance(as_output, NanoI2VPipelineOutput)
+        np.testing.assert_array_equal(as_tuple[0], as_output.frames)
+
+    def test_same_seed_same_video_other_seed_other_video(self):
+        pipe = self.get_pipe()
+        first = pipe(**self.get_dummy_inputs(seed=0)).frames
+        again = pipe(**self.get_dummy_inputs(seed=0)).frames
+        other = pipe(**self.get_dummy_inputs(seed=1)).frames
+        np.testing.assert_array_equal(first, again)
+        assert np.abs(first - other).max() > 1e-4
+
+    def test_batch_equals_single_runs(self):
+        pipe = self.get_pipe()
+        prompts = [PROMPT, "the blue square moves up and to the right quickly"]
+        image = self.get_dummy_inputs()["image"]
+        batched = pipe(
+            **self.get_dummy_inputs(
+                image=[image, image],
+                prompt=prompts,
+                generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                output_type="latent",
+            )
+        ).frames
+        for index, (prompt, seed) in enumerate(zip(prompts, (0, 1))):
+            single = pipe(**self.get_dummy_inputs(prompt=prompt, seed=seed, output_type="latent")).frames
+            torch.testing.assert_close(batched[index : index + 1], single, atol=1e-5, rtol=1e-4)
+
+    def test_num_videos_per_prompt(self):
+        pipe = self.get_pipe()
+        frames = pipe(**self.get_dummy_inputs(num_videos_per_prompt=2)).frames
+        assert frames.shape[0] == 2
+        assert np.abs(frames[0] - frames[1]).max() > 1e-4
+
+    def test_text_changes_the_video(self):
+        pipe = self.get_pipe()
+        left = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        right = pipe(**self.get_dummy_inputs(prompt="a red circle moves right", output_type="latent")).frames
+        assert (left - right).abs().max() > 1e-4
+
+    def test_first_frame_is_the_vae_round_trip_of_the_image(self):
+        pipe = self.get_pipe()
+        inputs = self.get_dummy_inputs(output_type="pt")
+        frames = pipe(**inputs).frames  # (1, F, C, H, W) in [0, 1]
+        pixels = pipe.video_processor.preprocess(inputs["image"], height=SIZE, width=SIZE).unsqueeze(2)
+        with torch.no_grad():
+            latent = pipe.vae.encode(pixels).latent_dist.mode()
+            round_trip = pipe.vae.decode(latent).sample[:, :, 0]  # (1, C, H, W) in [-1, 1]
+        torch.testing.assert_close(frames[:, 0], (round_trip / 2 + 0.5).clamp(0, 1), atol=1e-5, rtol=1e-5)
+
+    # ------------------------------------------------------------------ guidance
+
+    def test_guidance_changes_output_and_one_equals_conditional_only(self):
+        pipe = self.get_pipe()
+        no_cfg = pipe(**self.get_dummy_inputs(guidance_scale=1.0, output_type="latent")).frames
+        cfg = pipe(**self.get_dummy_inputs(guidance_scale=5.0, output_type="latent")).frames
+        assert (no_cfg - cfg).abs().max() > 1e-4
+        # With the negative branch made identical to the positive one, guidance has nothing to push
+        # against: any scale must give the conditional-only velocity, i.e. the guidance-1 output.
+        same_negative = pipe(
+            **self.get_dummy_inputs(guidance_scale=5.0, negative_prompt=PROMPT, output_type="latent")
+        ).frames
+        torch.testing.assert_close(same_negative, no_cfg, atol=1e-5, rtol=1e-4)
+
+    def test_cfg_is_one_batched_call_and_the_uncond_branch_sees_no_text(self):
+        pipe = self.get_pipe()
+        recorder = CallRecorder(pipe.transformer)
+        pipe(**self.get_dummy_inputs(guidance_scale=4.0))
+        assert len(recorder.calls) == 2  # one call per step, both branches inside
+        for call in recorder.calls:
+            assert call["hidden_states"].shape[0] == 2
+            cond_mask, uncond_mask = call["encoder_attention_mask"].chunk(2)
+            assert cond_mask.sum() > 0 and uncond_mask.sum() == 0
+            cond_condition, uncond_condition = call["condition"].chunk(2)
+            torch.testing.assert_close(cond_condition, uncond_condition)  # the image is in both branches
+
+    def test_guidance_one_runs_a_single_branch(self):
+        pipe = self.get_pipe()
+        recorder = CallRecorder(pipe.transformer)
+        pipe(**self.get_dummy_inputs(guidance_scale=1.0))
+        assert all(call["hidden_states"].shape[0] == 1 for call in recorder.calls)
+
+    def test_image_guidance_uses_three_branches(self):
+        pipe = self.get_pipe()
+        recorder = CallRecorder(pipe.transformer)
+        with_image_guidance = pipe(**self.get_dummy_inputs(image_guidance_scale=2.0, output_type="latent")).frames
+        condition = recorder.calls[0]["condition"]
+        assert condition.shape[0] == 3 and condition[2].abs().sum() == 0  # the last branch has no image
+        plain = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        assert (with_image_guidance - plain).abs().max() > 1e-5
+
+    # ------------------------------------------------------------------ modes
+
+    def test_text_to_video_without_image(self):
+        pipe = self.get_pipe()
+        recorder = CallRecorder(pipe.transformer)
+        frames = pipe(**self.get_dummy_inputs(image=None, height=SIZE, width=SIZE)).frames
+        assert frames.shape == (1, FRAMES, SIZE, SIZE, 3)
+        assert all(call["condition"].abs().sum() == 0 for call in recorder.calls)
+
+    def test_unconditional_sampling(self):
+        pipe = self.get_pipe()
+        recorder = CallRecorder(pipe.transformer)
+        frames = pipe(**self.get_dummy_inputs(image=None, prompt=None, guidance_scale=1.0, height=SIZE, width=SIZE)).frames
+        assert frames.shape == (1, FRAMES, SIZE, SIZE, 3)
+        assert all(call["encoder_attention_mask"].sum() == 0 for call in recorder.calls)
+
+    def test_prompt_embeds_equal_prompt(self):
+        pipe = self.get_pipe()
+        embeds, mask, _, _ = pipe.encode_prompt(PROMPT, do_classifier_free_guidance=False)
+        from_text = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        from_embeds = pipe(
+            **self.get_dummy_inputs(prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, output_type="latent")
+        ).frames
+        torch.testing.assert_close(from_text, from_embeds)
+
+    def test_encode_prompt_alone(self):
+        pipe = self.get_pipe()
+        embeds, mask, negative, negative_mask = pipe.encode_prompt(
+            [PROMPT, "a green triangle stays still"], num_videos_per_prompt=3
+        )
+        assert embeds.shape[0] == 6 and embeds.shape[-1] == TEXT_DIM and mask.shape == embeds.shape[:2]
+        assert negative.shape[0] == 6 and negative_mask.sum() == 0
+
+    def test_long_prompt_is_truncated_with_a_warning(self, caplog):
+        pipe = self.get_pipe()
+        long_prompt = " and ".join(["a red circle moves left"] * 20)
+        embeds, mask, _, _ = pipe.encode_prompt(long_prompt, do_classifier_free_guidance=False, max_sequence_length=16)
+        assert embeds.shape[1] == 16
+        assert "truncated" in caplog.text
+
+    def test_heun_scheduler_calls_the_model_twice_per_step_but_the_last(self):
+        pipe = self.get_pipe(scheduler=NanoI2VFlowMatchScheduler(shift=3.0, solver="heun"))
+        recorder = CallRecorder(pipe.transformer)
+        frames = pipe(**self.get_dummy_inputs(num_inference_steps=3)).frames
+        assert len(recorder.calls) == len(pipe.scheduler.timesteps) == 2 * 3 - 1
+        assert np.isfinite(frames).all()
+
+    def test_diffusers_flow_match_euler_scheduler_swaps_in(self):
+        pipe = self.get_pipe()
+        ours = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        theirs = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+    # ------------------------------------------------------------------ callbacks
+
+    def test_callback_can_stop_early(self):
+        pipe = self.get_pipe()
+        recorder = CallRecorder(pipe.transformer)
+
+        def stop_after_first_step(pipeline, step, timestep, tensors):
+            pipeline._interrupt = True
+            return tensors
+
+        pipe(**self.get_dummy_inputs(num_inference_steps=4), callback_on_step_end=stop_after_first_step)
+        assert len(recorder.calls) == 1
+
+    def test_callback_can_edit_latents(self):
+        pipe = self.get_pipe()
+        seen = []
+
+        def zero_latents(pipeline, step, timestep, tensors):
+            seen.append(sorted(tensors))
+            return {"latents": torch.zeros_like(tensors["latents"])}
+
+        latents = pipe(
+            **self.get_dummy_inputs(output_type="latent"),
+            callback_on_step_end=zero_latents,
+            callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+        ).frames
+        assert seen[0] == ["latents", "prompt_embeds"]
+        assert latents[:, :, 1:].abs().max() == 0  # frame 0 is the image latent, the rest was zeroed
+
+    # ------------------------------------------------------------------ checks
+
+    @pytest.mark.parametrize(
+        "overrides, message",
+        [
+            ({"num_frames": 6}, r"1 \+ 4\*k .* got 6, nearest valid is 5"),
+            ({"height": 40}, "multiple of 16 .* got 40, nearest valid is 48"),
+            ({"width": 0}, "multiple of 16"),
+            ({"width": 24.0}, "multiple of 16"),
+            ({"num_inference_steps": 0}, "num_inference_steps"),
+            ({"guidance_scale": 0.5}, "guidance_scale"),
+            ({"output_type": "gif"}, "output_type"),
+            ({"prompt": ["a", "b", "c"], "image": "two"}, "images for 3 prompts"),
+            ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "callback_on_step_end_tensor_inputs"),
+            ({"prompt_embeds": torch.zeros(1, 2, TEXT_DIM)}, "either `prompt` or `prompt_embeds`"),
+            ({"latents": torch.full((1, 4, 2, 4, 4), float("nan"))}, "NaN"),
+            ({"latents": torch.zeros(1, 4, 3, 4, 4)}, "shape"),
+        ],
+    )
+    def test_check_inputs(self, overrides, message):
+        pipe = self.get_pipe()
+        inputs = self.get_dummy_inputs(**overrides)
+        if inputs["image"] == "two":
+            inputs["image"] = [self.get_dummy_inputs()["image"]] * 2
+        with pytest.raises(ValueError, match=message):
+            pipe(**inputs)
+
+    # ------------------------------------------------------------------ save / load / Hub
+
+    def test_save_load_round_trip(self, tmp_path):
+        pipe = self.get_pipe()
+        before = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        pipe.save_pretrained(tmp_path)
+        index = json.loads((tmp_path / "model_index.json").read_text())
+        assert index["_class_name"] == "NanoI2VPipeline"
+        assert index["vae"] == ["nanoi2v_diffusers.models.autoencoder_kl_nanoi2v", "AutoencoderKLNanoI2V"]
+        for component in ("vae", "transformer"):
+            assert (tmp_path / component / "diffusion_pytorch_model.safetensors").is_file()
+            assert (tmp_path / component / "config.json").is_file()
+        assert (tmp_path / "text_encoder" / "model.safetensors").is_file()
+        assert not list(tmp_path.rglob("*.bin"))
+
+        loaded = NanoI2VPipeline.from_pretrained(tmp_path)
+        loaded.set_progress_bar_config(disable=True)
+        after = loaded(**self.get_dummy_inputs(output_type="latent")).frames
+        torch.testing.assert_close(before, after, atol=0, rtol=0)
+
+    def test_from_pretrained_with_dtype_and_component_override(self, tmp_path):
+        self.get_pipe().save_pretrained(tmp_path)
+        loaded = NanoI2VPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+        assert loaded.transformer.dtype == torch.bfloat16 and loaded.vae.dtype == torch.bfloat16
+        other_scheduler = NanoI2VFlowMatchScheduler(shift=1.0, solver="heun")
+        overridden = NanoI2VPipeline.from_pretrained(tmp_path, scheduler=other_scheduler)
+        assert overridden.scheduler is other_scheduler
+
+    def test_saved_without_text_encoder_takes_one_at_load(self, tmp_path):
+        components = self.get_dummy_components()
+        text_encoder, tokenizer = components.pop("text_encoder"), components.pop("tokenizer")
+        NanoI2VPipeline(**components).save_pretrained(tmp_path)
+        bare = NanoI2VPipeline.from_pretrained(tmp_path)
+        assert bare.text_encoder is None
+        bare.set_progress_bar_config(disable=True)
+        with pytest.raises(ValueError, match="no text_encoder"):
+            bare(**self.get_dummy_inputs())
+        full = NanoI2VPipeline.from_pretrained(tmp_path, text_encoder=text_encoder, tokenizer=tokenizer)
+        full.set_progress_bar_config(disable=True)
+        assert full(**self.get_dummy_inputs()).frames.shape == (1, FRAMES, SIZE, SIZE, 3)
+
+    def test_model_card_and_push_to_hub(self, tmp_path, monkeypatch):
+        pipe = self.get_pipe()
+        pipe.save_pretrained(tmp_path)
+        sample = tmp_path.parent / "sample.gif"
+        sample.write_bytes(b"GIF89a")
+        with pytest.raises(ValueError, match="README.md"):
+            hub_utils.check_pipeline_folder(tmp_path)
+        hub_utils.write_model_card(
+            tmp_path,
+            repo_id="user/nanoi2v-test",
+            datasets=["shapes"],
+            training_config={"learning_rate": 1e-4, "max_train_steps": 10},
+            metrics={"direction_accuracy": 0.5},
+            sample_videos=[sample],
+        )
+        card = ModelCard.load(tmp_path / "README.md")
+        assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "image-to-video"
+        assert "nanoi2v" in card.data.tags and card.data.license == "apache-2.0"
+        assert "NanoI2VPipeline.from_pretrained(\"user/nanoi2v-test\")" in card.text
+        assert "learning_rate" in card.text and "direction_accuracy" in card.text
+        assert (tmp_path / "samples" / "sample.gif").is_file()
+
+        calls = {}
+        monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kw: calls.setdefault("create", repo_id))
+        monkeypatch.setattr(hub_utils, "upload_folder", lambda **kw: calls.setdefault("upload", kw) and "commit-url")
+        hub_utils.push_to_hub(tmp_path, "user/nanoi2v-test")
+        assert calls["create"] == "user/nanoi2v-test"
+        assert calls["upload"]["folder_path"] == str(tmp_path) and calls["upload"]["repo_id"] == "user/nanoi2v-test"
+
+    def test_push_refuses_pickle_weights(self, tmp_path):
+        self.get_pipe().save_pretrained(tmp_path)
+        hub_utils.write_model_card(tmp_path)
+        (tmp_path / "transformer" / "pytorch_model.bin").write_bytes(b"\x80\x04")
+        with pytest.raises(ValueError, match="pickle"):
+            hub_utils.check_pipeline_folder(tmp_path)
