@@ -244,7 +244,7 @@ def test_blocks_compile_without_graph_breaks():
         (lambda x, c, t: (x[0], c, t), r"\(B, C, T, H, W\)"),
         (
             lambda x, c, t: (x[..., :7], c[..., :7], t),
-            r"width \(W\) must be a multiple of patch_size 2; got 7, nearest valid is 8",
+            r"width \(W\) must be a positive multiple of 2 \(the patch size\); got 7, nearest valid is 8",
         ),
         (lambda x, c, t: (x, c[:, :2], t), r"condition must have shape"),
         (lambda x, c, t: (x, c, t[..., :5]), r"text_dim=24"),

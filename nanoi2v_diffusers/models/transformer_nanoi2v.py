@@ -25,6 +25,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 
+from ..size_rules import check_multiple
+
 # Size presets, DiT-style: S and B follow DiT-S/B (width 384/768, 12 layers, 6/12 heads of 64).
 TRANSFORMER_PRESETS: Dict[str, Dict[str, int]] = {
     "tiny": {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512},
@@ -52,10 +54,6 @@ def _rope_axis_dims(attention_head_dim: int) -> Tuple[int, int, int]:
     """Split a head's channels over (t, h, w): height and width get equal even shares, time the rest."""
     spatial = 2 * (attention_head_dim // 6)
     return attention_head_dim - 2 * spatial, spatial, spatial
-
-
-def _nearest_multiple(size: int, multiple: int) -> int:
-    return max(multiple, round(size / multiple) * multiple)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -396,11 +394,7 @@ class NanoI2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 f"condition goes in `condition`); got {channels}."
             )
         for axis, size, patch in zip(("frames (T)", "height (H)", "width (W)"), sizes, config.patch_size):
-            if size % patch:
-                raise ValueError(
-                    f"hidden_states {axis} must be a multiple of patch_size {patch}; got {size}, "
-                    f"nearest valid is {_nearest_multiple(size, patch)}."
-                )
+            check_multiple(f"hidden_states {axis}", size, patch, why="the patch size")
         expected = (batch_size, config.in_channels - config.out_channels, *sizes)
         if condition is not None and tuple(condition.shape) != expected:
             raise ValueError(
