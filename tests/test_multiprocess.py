@@ -1,0 +1,99 @@
+"""Distributed training on this CPU machine: a real 2-process DDP run, and the FSDP config built dry.
+
+The 2-process run uses `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2`
+(gloo); `--cpu --num_processes 2` would silently start one process (see NOTES.md).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.launch import prepare_multi_gpu_env
+from training_fixtures import write_tiny_bert, write_tiny_vae
+
+from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel
+from nanoi2v_diffusers.training.common import list_checkpoints
+from nanoi2v_diffusers.training.train_dit import RANK_FACTS_DIR, TRAIN_LOG
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = REPO / "training" / "accelerate_configs"
+NUM_PROCESSES = 2
+NUM_STEPS = 3
+LAUNCH_TIMEOUT_S = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_on_cpu(tmp_path):
+    bert, vae, out = write_tiny_bert(tmp_path / "bert"), write_tiny_vae(tmp_path / "vae"), tmp_path / "run"
+    command = [
+        str(Path(sys.executable).with_name("accelerate")), "launch",
+        "--multi_gpu", "--num_processes", str(NUM_PROCESSES), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(REPO / "training" / "train_dit.py"), "--config", str(REPO / "training" / "configs" / "tiny.yaml"),
+        "--output_dir", str(out), "--text_encoder", str(bert), "--pretrained_vae", str(vae),
+        "--max_train_steps", str(NUM_STEPS), "--checkpointing_steps", str(NUM_STEPS), "--validation_steps", "100",
+        "--debug_rank_facts",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=tmp_path)
+    print(result.stdout[-3000:], result.stderr[-3000:])  # shown on failure
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "terminate called" not in result.stderr  # the DDP teardown fix holds
+
+    facts = [json.loads((out / RANK_FACTS_DIR / f"rank-{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
+    assert [fact["rank"] for fact in facts] == [0, 1]
+    assert all(fact["world_size"] == NUM_PROCESSES and fact["steps"] == NUM_STEPS for fact in facts)
+    assert all(fact["distributed_type"] == "DistributedType.MULTI_CPU" for fact in facts)
+    seen = [set(fact["clip_hashes"]) for fact in facts]
+    assert all(len(fact["clip_hashes"]) == NUM_STEPS * 2 for fact in facts)  # train_batch_size 2 per process
+    assert not seen[0] & seen[1], "the two processes trained on overlapping clips"
+    assert facts[0]["parameter_fingerprint"] == facts[1]["parameter_fingerprint"]  # gradients were all-reduced
+
+    assert [path.name for path in list_checkpoints(out)] == [f"checkpoint-{NUM_STEPS}"]
+    checkpoint = out / f"checkpoint-{NUM_STEPS}"
+    assert len(list(checkpoint.glob("model*.safetensors"))) == 1  # the weights, written once by the main process
+    rng_states = sorted(path.name for path in checkpoint.glob("random_states_*.pkl"))
+    assert rng_states == ["random_states_0.pkl", "random_states_1.pkl"]  # each process saved its own
+    steps = [json.loads(line)["step"] for line in (out / TRAIN_LOG).read_text().splitlines()]
+    assert steps[:NUM_STEPS] == list(range(1, NUM_STEPS + 1))  # one log, by the main process
+    assert (out / "model_index.json").is_file()
+
+
+def test_fsdp_config_fully_shards_and_wraps_each_transformer_block():
+    """Build the FSDP plugin exactly as `accelerate launch --config_file fsdp.yaml` would, without GPUs."""
+    args = launch_command_parser().parse_args(["--config_file", str(ACCELERATE_CONFIGS / "fsdp.yaml"), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.use_fsdp
+    with mock.patch.dict(os.environ, prepare_multi_gpu_env(args)):
+        plugin = FullyShardedDataParallelPlugin()
+    assert plugin.reshard_after_forward is True  # FSDP2's full shard
+    model = NanoI2VTransformer3DModel.from_preset("tiny", num_layers=2, in_channels=9, out_channels=4, text_dim=32)
+    assert plugin.transformer_cls_names_to_wrap == model._no_split_modules
+    plugin.set_auto_wrap_policy(model)
+    wrapped = [name for name, module in model.named_modules()
+               if plugin.auto_wrap_policy(module=module, recurse=False, nonwrapped_numel=0)]  # fmt: skip
+    assert wrapped == ["blocks.0", "blocks.1"]
+
+
+@pytest.mark.parametrize("name, distributed_type, processes", [
+    ("single_process", "NO", 1), ("multi_gpu", "MULTI_GPU", 8), ("fsdp", "FSDP", 8), ("multi_node", "MULTI_GPU", 16),
+])  # fmt: skip
+def test_accelerate_configs_are_valid_launch_configs(name, distributed_type, processes):
+    args = launch_command_parser().parse_args(["--config_file", str(ACCELERATE_CONFIGS / f"{name}.yaml"), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.num_processes == processes
+    launched_as = {"NO": not (args.multi_gpu or args.use_fsdp), "MULTI_GPU": args.multi_gpu, "FSDP": args.use_fsdp}
+    assert launched_as[distributed_type]

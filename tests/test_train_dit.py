@@ -1,0 +1,304 @@
+"""training/train_dit.py, training/precompute_latents.py and the data-order / checkpoint helpers they use.
+
+Runs call `main(argv)` in-process with the tiny config, a tiny random BERT and a tiny random VAE.
+"""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from datasets.distributed import split_dataset_by_node
+from safetensors.torch import load_file
+from training_fixtures import fresh_accelerator_state, single_thread, write_tiny_bert, write_tiny_vae  # noqa: F401
+
+from nanoi2v_diffusers import NanoI2VPipeline
+from nanoi2v_diffusers.data.latent_cache import LatentCacheInfo
+from nanoi2v_diffusers.models import AutoencoderKLNanoI2V
+from nanoi2v_diffusers.training import precompute_latents, train_dit
+from nanoi2v_diffusers.training.common import (
+    ResumableSampler,
+    list_checkpoints,
+    parse_config,
+    resolve_checkpoint,
+    save_checkpoint,
+    shard_dataset,
+)
+from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "training" / "configs"
+TINY_CONFIG = CONFIGS / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {"bert": write_tiny_bert(root / "bert"), "vae": write_tiny_vae(root / "vae")}
+
+
+def _argv(output_dir: Path, assets, *extra: str) -> list:
+    return ["--config", str(TINY_CONFIG), "--output_dir", str(output_dir), "--text_encoder", str(assets["bert"]),
+            "--pretrained_vae", str(assets["vae"]), *extra]  # fmt: skip
+
+
+def _log(output_dir: Path) -> dict:
+    """{step: record} of the per-step records of train_log.jsonl."""
+    lines = (output_dir / train_dit.TRAIN_LOG).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return {record["step"]: record for record in records if "loss" in record}
+
+
+def _safetensors(folder: Path) -> dict:
+    return load_file(str(next(folder.glob("*.safetensors"))))
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+def test_tiny_run_saves_a_loadable_pipeline_with_ema_weights_card_and_videos(tmp_path, assets):
+    out = tmp_path / "run"
+    summary = train_dit.main(_argv(out, assets, "--report_to", "tensorboard"))
+
+    log = _log(out)
+    assert sorted(log) == [1, 2, 3, 4, 5, 6] and summary["steps"] == 6
+    assert all(math.isfinite(record["loss"]) for record in log.values())
+    assert [path.name for path in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6"]
+    assert not list(out.glob(".partial-*"))
+    assert len(list((out / "validation").glob("step-000006-*.gif"))) == 2
+    assert (out / "validation" / "step-000006-sheet.png").is_file()
+
+    # The saved transformer holds the EMA weights (checkpoint-6's EMA shadow), not the raw weights.
+    pipe = NanoI2VPipeline.from_pretrained(out)
+    ema_state = torch.load(out / "checkpoint-6" / "custom_checkpoint_0.pkl", weights_only=True)
+    raw = _safetensors(out / "checkpoint-6")
+    names = [name for name, _ in pipe.transformer.named_parameters()]
+    for name, parameter, shadow in zip(names, pipe.transformer.parameters(), ema_state["shadow_params"]):
+        assert torch.equal(parameter, shadow), name
+    assert any(not torch.equal(raw[name], shadow) for name, shadow in zip(names, ema_state["shadow_params"]))
+    assert type(pipe.text_encoder).__name__ == "BertModel"  # a custom text encoder is saved with the pipeline
+
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "samples/step-000006-0.gif" in card
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert "validation" in events.Tags()["images"]
+
+    frames = pipe(image=np.zeros((32, 32, 3), np.uint8), prompt="a red circle moves left", num_frames=5,
+                  num_inference_steps=2, generator=torch.manual_seed(0)).frames  # fmt: skip
+    assert frames.shape == (1, 5, 32, 32, 3)
+
+
+def test_resumed_run_continues_with_exactly_the_same_losses(tmp_path, assets):
+    common = ("--gradient_accumulation_steps", "2", "--checkpoints_total_limit", "none", "--validation_steps", "100")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train_dit.main(_argv(full, assets, *common))
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    train_dit.main(_argv(resumed, assets, *common, "--resume_from_checkpoint", "latest"))
+
+    full_log, resumed_log = _log(full), _log(resumed)
+    assert sorted(resumed_log) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed_log[step]["loss"] == full_log[step]["loss"], step
+    for name, value in _safetensors(full / "transformer").items():
+        assert torch.equal(value, _safetensors(resumed / "transformer")[name]), name
+
+
+def test_training_from_the_cache_matches_training_on_the_fly(tmp_path, assets):
+    cache = tmp_path / "cache"
+    limit = ("--max_train_samples", "4", "--max_train_steps", "3", "--validation_steps", "100")
+    precompute_latents.main(_argv(tmp_path / "unused", assets, "--cache_dir", str(cache), *limit))
+    assert LatentCacheInfo.load(cache).num_clips == 4
+
+    train_dit.main(_argv(tmp_path / "cached", assets, "--cache_dir", str(cache), *limit))
+    train_dit.main(_argv(tmp_path / "on_the_fly", assets, *limit))
+    cached, on_the_fly = _log(tmp_path / "cached"), _log(tmp_path / "on_the_fly")
+    for step in (1, 2, 3):
+        assert cached[step]["loss"] == pytest.approx(on_the_fly[step]["loss"], rel=1e-4), step
+
+    with pytest.raises(ValueError, match="text_shape"):  # a cache made for other settings is refused
+        train_dit.main(_argv(tmp_path / "mismatch", assets, "--cache_dir", str(cache), "--max_sequence_length", "12"))
+
+
+def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run_after_a_checkpoint(tmp_path, assets, monkeypatch):
+    original = train_dit.weighted_mse
+    calls = {"count": 0}
+    bad_steps = {2} | set(range(4, 100))
+
+    def sometimes_nan(prediction, target, weights):
+        calls["count"] += 1
+        loss = original(prediction, target, weights)
+        return loss * float("nan") if calls["count"] in bad_steps else loss
+
+    monkeypatch.setattr(train_dit, "weighted_mse", sometimes_nan)
+    out = tmp_path / "run"
+    with pytest.raises(train_dit.NonFiniteLossError, match="max_nonfinite_steps=2"):
+        train_dit.main(_argv(out, assets, "--max_nonfinite_steps", "2", "--checkpoints_total_limit", "none"))
+
+    log = _log(out)
+    assert log[2]["skipped"] and log[2]["loss"] is None
+    assert "skipped" not in log[3] and math.isfinite(log[3]["loss"])
+    assert sorted(log) == [1, 2, 3, 4, 5]  # steps 4 and 5 fail: the streak of 2 stops the run at step 5
+    assert [path.name for path in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-5"]
+    stopped, before = _safetensors(out / "checkpoint-5"), _safetensors(out / "checkpoint-3")
+    for name, value in stopped.items():  # the skipped steps left the weights finite and untouched
+        assert torch.isfinite(value).all() and torch.equal(value, before[name]), name
+
+
+def test_bf16_run_with_builtin_text_encoder_saves_float32_without_it_and_pushes_only_the_pipeline(tmp_path, assets, monkeypatch):
+    uploads = {}
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        uploads[repo_id] = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        return "https://huggingface.co/user/tiny/commit/0"
+
+    monkeypatch.setattr(train_dit.hub_utils, "create_repo", lambda repo_id, **kwargs: repo_id)
+    monkeypatch.setattr(train_dit.hub_utils, "upload_folder", fake_upload_folder)
+    out = tmp_path / "run"
+    argv = ["--config", str(TINY_CONFIG), "--output_dir", str(out), "--pretrained_vae", str(assets["vae"]),
+            "--max_train_steps", "1", "--checkpointing_steps", "1", "--mixed_precision", "bf16",
+            "--gradient_checkpointing", "--push_to_hub", "--hub_model_id", "user/tiny"]  # fmt: skip
+    train_dit.main(argv)
+
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["text_encoder"] == [None, None] and not (out / "text_encoder").exists()
+    files = uploads["user/tiny"]
+    assert "model_index.json" in files and "README.md" in files
+    assert any(name.startswith("transformer/") and name.endswith(".safetensors") for name in files)
+    assert not any(name.startswith(("checkpoint-", "validation", "logs")) or name.endswith(".pkl") for name in files)
+    assert "text_encoder=text_encoder" in (out / "README.md").read_text()
+    # bf16 autocast trained it, but the saved weights stay float32.
+    assert all(value.dtype == torch.float32 for value in _safetensors(out / "transformer").values())
+    assert all(value.dtype == torch.float32 for value in _safetensors(out / "vae").values())
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+def _encoded(mean: torch.Tensor, text_tokens: int) -> dict:
+    """An encoded batch with a zero-width posterior (so x0 is the normalised mean) and all-kept text."""
+    batch = mean.shape[0]
+    return {"posterior_mean": mean, "posterior_std": torch.zeros_like(mean),
+            "prompt_embeds": torch.randn(batch, text_tokens, 32),
+            "prompt_attention_mask": torch.ones(batch, text_tokens, dtype=torch.long)}  # fmt: skip
+
+
+def test_flow_matching_inputs_follow_the_conditioning_layout(assets):
+    vae = AutoencoderKLNanoI2V.from_pretrained(assets["vae"])
+    config = DiTTrainingConfig(image_dropout=0.0, text_dropout=0.0, condition_noise_std=0.0)
+    scheduler = train_dit.build_noise_scheduler(config)
+    mean = torch.randn(3, 4, 2, 4, 4)
+    encoded = _encoded(mean, text_tokens=8)
+
+    kwargs, target, weights = train_dit.flow_matching_inputs(encoded, vae, scheduler, config, torch.manual_seed(0))
+
+    x0 = vae.normalize_latents(mean)
+    sigmas = kwargs["timestep"] / scheduler.config.num_train_timesteps
+    assert ((sigmas > 0) & (sigmas < 1)).all() and weights.shape == (3,)
+    torch.testing.assert_close(kwargs["hidden_states"] - sigmas.view(-1, 1, 1, 1, 1) * target, x0)
+    condition = kwargs["condition"]
+    torch.testing.assert_close(condition[:, :4, :1], x0[:, :, :1])  # the image latent at frame 0 ...
+    assert (condition[:, 4, :1] == 1).all() and (condition[:, :, 1:] == 0).all()  # ... flagged, zeros elsewhere
+    assert torch.equal(kwargs["encoder_attention_mask"], encoded["prompt_attention_mask"])
+
+    dropped = DiTTrainingConfig(image_dropout=1.0, text_dropout=1.0)
+    kwargs, _, _ = train_dit.flow_matching_inputs(encoded, vae, scheduler, dropped, torch.manual_seed(0))
+    assert (kwargs["condition"] == 0).all()
+    assert (kwargs["encoder_attention_mask"] == 0).all() and (kwargs["encoder_hidden_states"] == 0).all()
+
+
+def test_dropouts_are_independent_and_near_their_rates(assets):
+    vae = AutoencoderKLNanoI2V.from_pretrained(assets["vae"])
+    config = DiTTrainingConfig(image_dropout=0.3, text_dropout=0.3)
+    scheduler = train_dit.build_noise_scheduler(config)
+    encoded = _encoded(torch.zeros(2000, 4, 1, 2, 2), text_tokens=2)
+    kwargs, _, _ = train_dit.flow_matching_inputs(encoded, vae, scheduler, config, torch.manual_seed(0))
+    image_dropped = kwargs["condition"][:, 4, 0, 0, 0] == 0
+    text_dropped = kwargs["encoder_attention_mask"][:, 0] == 0
+    for dropped in (image_dropped, text_dropped):
+        assert abs(dropped.float().mean().item() - 0.3) < 0.05
+    both = (image_dropped & text_dropped).float().mean().item()
+    assert abs(both - 0.09) < 0.03  # independent: P(both) = 0.3 * 0.3
+
+
+def test_step_generator_depends_on_seed_rank_and_step_only():
+    draw = lambda *key: torch.rand(4, generator=train_dit.step_generator(*key))  # noqa: E731
+    assert torch.equal(draw(0, 0, 5), draw(0, 0, 5))
+    for other in ((1, 0, 5), (0, 1, 5), (0, 0, 6)):
+        assert not torch.equal(draw(0, 0, 5), draw(*other))
+
+
+def test_resumable_sampler_restarts_anywhere_and_covers_each_epoch():
+    def take(sampler, count):
+        iterator = iter(sampler)
+        return [next(iterator) for _ in range(count)]
+
+    stream = take(ResumableSampler(7, seed=3), 30)
+    for start in (0, 5, 7, 16):
+        assert take(ResumableSampler(7, seed=3, start=start), 30 - start) == stream[start:]
+    for epoch in range(4):
+        assert sorted(stream[7 * epoch : 7 * epoch + 7]) == list(range(7))
+    assert stream[:7] != stream[7:14]  # reshuffled every epoch
+    with pytest.raises(ValueError, match="non-empty"):
+        ResumableSampler(0)
+
+
+@pytest.mark.parametrize("size, world_size", [(10, 2), (7, 3), (5, 4)])
+def test_shard_dataset_splits_like_datasets_split_by_node(size, world_size):
+    table = Dataset.from_dict({"index": list(range(size))})
+    for rank in range(world_size):
+        expected = split_dataset_by_node(table, rank=rank, world_size=world_size)["index"]
+        assert list(shard_dataset(list(range(size)), rank, world_size)) == expected
+
+
+def test_checkpoint_writes_are_atomic_and_rotated(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    save_checkpoint(accelerator, tmp_path, 1, total_limit=2)
+
+    def crash_midway(path, **kwargs):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(accelerator, "save_state", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(accelerator, tmp_path, 2, total_limit=2)
+    assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-1"
+    monkeypatch.undo()
+
+    for step in (2, 3):
+        save_checkpoint(accelerator, tmp_path, step, total_limit=2)
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert not list(tmp_path.glob(".partial-*"))
+    del model
+
+
+# ------------------------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("name", ["tiny", "shapes_64", "gpu_256"])
+def test_shipped_configs_parse_and_build_their_transformer(name):
+    config = parse_config(DiTTrainingConfig, ["--config", str(CONFIGS / f"{name}.yaml")])
+    with torch.device("meta"):
+        transformer = train_dit.build_transformer(config, latent_channels=16, text_dim=384)
+    assert transformer.config.in_channels == 33 and transformer.config.text_dim == 384
+    assert config.resolution % 16 == 0 and (config.num_frames - 1) % 4 == 0
+
+
+def test_config_rules_raise_clear_errors():
+    with pytest.raises(ValueError, match="image_dropout"):
+        DiTTrainingConfig(image_dropout=1.5)
+    with pytest.raises(ValueError, match="hub_model_id"):
+        DiTTrainingConfig(push_to_hub=True)
+    with pytest.raises(ValueError, match="transformer_preset"):
+        DiTTrainingConfig(transformer_preset="XL")
+    config = parse_config(DiTTrainingConfig, ["--transformer_overrides", "{num_layers: 3, ffn_dim: 64}"])
+    assert config.transformer_overrides == {"num_layers": 3, "ffn_dim": 64}

@@ -1,0 +1,96 @@
+"""The shared training utilities: config parsing, checkpoint rotation and resolution, data."""
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from nanoi2v_diffusers.training.common import (
+    TrainingConfig,
+    build_dataloader,
+    build_dataset,
+    checkpoint_step,
+    infinite_batches,
+    list_checkpoints,
+    parse_config,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+)
+
+
+@dataclass
+class ExampleConfig(TrainingConfig):
+    widths: Tuple[int, ...] = (8, 16)
+    guidance: Optional[float] = None
+
+
+def write_yaml(tmp_path, text: str):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_then_yaml_then_flags(tmp_path):
+    config_file = write_yaml(tmp_path, "learning_rate: 1e-3\nmax_train_steps: 7\nwidths: [4, 4]\ngradient_checkpointing: true\n")
+    config = parse_config(ExampleConfig, ["--config", config_file, "--max_train_steps", "9", "--no-gradient_checkpointing"])
+    assert config.learning_rate == 1e-3  # PyYAML reads "1e-3" as a string; it is coerced to float
+    assert config.max_train_steps == 9  # the flag wins over the file
+    assert config.widths == (4, 4)
+    assert config.gradient_checkpointing is False
+    assert config.train_batch_size == TrainingConfig.train_batch_size  # untouched default
+
+
+def test_flags_cover_every_field_and_optional_values():
+    config = parse_config(ExampleConfig, ["--widths", "1", "2", "3", "--guidance", "2.5", "--checkpoints_total_limit", "none"])
+    assert config.widths == (1, 2, 3) and config.guidance == 2.5 and config.checkpoints_total_limit is None
+
+
+def test_unknown_yaml_key_raises_with_a_suggestion(tmp_path):
+    with pytest.raises(ValueError, match="unknown setting 'learning_rat'.*Did you mean 'learning_rate'"):
+        parse_config(ExampleConfig, ["--config", write_yaml(tmp_path, "learning_rat: 0.1\n")])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mixed_precision", "fp8"], "mixed_precision must be one of"),
+        (["--dataset", "video_folder"], "needs train_data_dir"),
+        (["--max_train_steps", "0"], "max_train_steps must be >= 1"),
+    ],
+)
+def test_invalid_settings_raise(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse_config(ExampleConfig, argv)
+
+
+def test_save_config_round_trips(tmp_path):
+    config = parse_config(ExampleConfig, ["--learning_rate", "0.25", "--widths", "3"])
+    path = save_config(config, tmp_path)
+    assert parse_config(ExampleConfig, ["--config", str(path)]) == config
+
+
+def test_checkpoint_rotation_and_latest(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    accelerator.prepare(torch.nn.Linear(2, 2))
+    assert resolve_checkpoint(tmp_path, "latest") is None  # nothing to resume: fresh start
+    for step in (5, 10, 15):
+        save_checkpoint(accelerator, tmp_path, step, total_limit=2)
+    assert [checkpoint_step(path) for path in list_checkpoints(tmp_path)] == [10, 15]
+    assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-15"
+    assert resolve_checkpoint(tmp_path, "checkpoint-10") == tmp_path / "checkpoint-10"
+    assert resolve_checkpoint(tmp_path, None) is None
+    with pytest.raises(ValueError, match="neither 'latest' nor a checkpoint folder"):
+        resolve_checkpoint(tmp_path, "checkpoint-99")
+
+
+def test_shapes_data_and_infinite_batches():
+    config = ExampleConfig(resolution=32, num_frames=5, train_batch_size=2, num_validation_samples=3)
+    assert len(build_dataset(config, "validation")) == 3
+    loader = build_dataloader(torch.utils.data.Subset(build_dataset(config, "train"), range(3)), config, shuffle=True)
+    batches = infinite_batches(loader)
+    # 3 clips with drop_last: one batch per epoch, and the iterator keeps going across epochs.
+    shapes = [tuple(next(batches)["pixel_values"].shape) for _ in range(3)]
+    assert shapes == [(2, 3, 5, 32, 32)] * 3

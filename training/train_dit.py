@@ -1,0 +1,746 @@
+"""Train `NanoI2VTransformer3DModel` by flow matching, on one CPU, one GPU or many (DDP, FSDP).
+
+    python training/train_dit.py --config training/configs/tiny.yaml              # CPU smoke run
+    python training/precompute_latents.py --config training/configs/shapes_64.yaml
+    accelerate launch training/train_dit.py --config training/configs/shapes_64.yaml
+    accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml \\
+        training/train_dit.py --config training/configs/gpu_256.yaml --resume_from_checkpoint latest
+
+A step encodes clips with the frozen VAE and text encoder, or reads them from the latent cache that
+training/precompute_latents.py wrote when `cache_dir` is set, then (DESIGN.md sections 3 and 5):
+draws a latent `x0` from the VAE posterior; builds the image condition from the posterior mean of
+latent frame 0, with a little noise added, dropped for a fraction `image_dropout` of the clips;
+drops the text (no tokens) for a fraction `text_dropout`, independently; samples sigmas with the
+scheduler's training helper (logit-normal by default); and regresses the velocity `noise - x0` at
+`x_t = (1 - sigma) x0 + sigma noise`. One model so learns image-to-video, text-to-video and
+unconditional generation, which classifier-free guidance needs.
+
+Every random draw of a step comes from a generator seeded with (seed, rank, micro-step) and the
+data order from (seed, position) (`ResumableSampler`), so on the CPU a run resumed from a
+checkpoint continues with exactly the losses of an uninterrupted one. Checkpoints
+(`accelerator.save_state`, EMA included) are written atomically every `checkpointing_steps`. A step
+whose gradients are not finite is skipped and logged; `max_nonfinite_steps` of them in a row save a
+checkpoint and stop the run. Every `validation_steps` the real `NanoI2VPipeline` is built from the
+EMA weights and generates videos from fixed validation first frames and captions. At the end the
+whole pipeline is saved to `output_dir` with a model card, and pushed with `--push_to_hub`.
+"""
+
+import gc
+import hashlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import transformers
+import yaml
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from nanoi2v_diffusers import hub_utils
+from nanoi2v_diffusers.conditioning import build_image_condition, drop_image_condition, num_condition_channels
+from nanoi2v_diffusers.contact_sheet import make_contact_sheet
+from nanoi2v_diffusers.data import collate_videos, tensor_to_frames
+from nanoi2v_diffusers.data.latent_cache import (
+    collate_cache_rows,
+    encode_clips,
+    load_latent_cache,
+    model_fingerprint,
+    sample_latents,
+)
+from nanoi2v_diffusers.models import VAE_PRESETS, AutoencoderKLNanoI2V
+from nanoi2v_diffusers.models.transformer_nanoi2v import TRANSFORMER_PRESETS, NanoI2VTransformer3DModel
+from nanoi2v_diffusers.pipelines.pipeline_nanoi2v import NanoI2VPipeline
+from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler
+from nanoi2v_diffusers.text_encoders import encode_text, load_minilm
+from nanoi2v_diffusers.training.common import (
+    TrainingConfig,
+    append_jsonl,
+    build_accelerator,
+    build_dataset,
+    build_resumable_dataloader,
+    checkpoint_step,
+    parse_config,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_config,
+    shard_dataset,
+    write_side_by_side,
+)
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
+VALIDATION_FORMATS = ("gif", "mp4")
+# transformers architectures that return `last_hidden_state` from the encoder alone (T5, CLIP text, ...).
+ENCODER_ARCHITECTURE_SUFFIXES = ("EncoderModel", "TextModel")
+TRAIN_LOG = "train_log.jsonl"
+VALIDATION_DIR = "validation"
+RANK_FACTS_DIR = "rank_facts"
+# The contact sheet logged at each validation shows every other frame.
+CONTACT_SHEET_FRAME_STEP = 2
+# Hex digits kept of each clip's hash in the per-rank debug facts.
+CLIP_HASH_DIGITS = 16
+
+
+@dataclass
+class DiTTrainingConfig(TrainingConfig):
+    """Settings of training/train_dit.py (see training/common.py for the shared ones)."""
+
+    output_dir: str = "outputs/dit"
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 500
+    # Models. A random VAE of `vae_preset` is used when `pretrained_vae` is None: smoke tests only.
+    pretrained_vae: Optional[str] = None  # a folder written by training/train_vae.py
+    vae_preset: str = "shapes-64"
+    text_encoder: Optional[str] = None  # None: the built-in all-MiniLM-L6-v2; or a local transformers folder
+    max_sequence_length: int = 64
+    transformer_preset: str = "S"  # a key of TRANSFORMER_PRESETS
+    transformer_overrides: Optional[Dict[str, Any]] = None  # e.g. {num_layers: 8}; wins over the preset
+    pretrained_transformer: Optional[str] = None  # start from a saved transformer instead
+    scheduler_shift: float = 1.0
+    # Objective
+    weighting_scheme: str = "logit_normal"  # as diffusers' SD3 script: see split_weighting_scheme
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    image_dropout: float = 0.1
+    text_dropout: float = 0.1
+    condition_noise_std: float = 0.02  # per clip, the image latent gets noise of std U(0, this)
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at ema_decay
+    max_nonfinite_steps: int = 5
+    # Data. With cache_dir the clips come from training/precompute_latents.py's cache.
+    cache_dir: Optional[str] = None
+    max_train_samples: Optional[int] = None  # use the first N training clips (the clips a cache holds)
+    cache_num_shards: Optional[int] = None
+    cache_dtype: str = "float32"
+    # Validation and publishing
+    validation_num_inference_steps: int = 20
+    validation_guidance_scale: float = 5.0
+    validation_fps: int = 8
+    validation_formats: Tuple[str, ...] = ("gif", "mp4")
+    push_to_hub: bool = False
+    hub_model_id: Optional[str] = None
+    hub_private: bool = False
+    debug_rank_facts: bool = False  # write output_dir/rank_facts/rank-<r>.json (multi-process tests)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.transformer_overrides, str):  # from the command line: a YAML/JSON mapping
+            self.transformer_overrides = yaml.safe_load(self.transformer_overrides)
+        self._check_models()
+        self._check_objective()
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"max_train_samples must be >= 1 or None; got {self.max_train_samples}.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub needs hub_model_id (e.g. 'your-name/nanoi2v-shapes-64').")
+        unknown = [fmt for fmt in self.validation_formats if fmt not in VALIDATION_FORMATS]
+        if unknown:
+            raise ValueError(f"validation_formats may hold {VALIDATION_FORMATS}; got {unknown}.")
+
+    def _check_models(self) -> None:
+        if self.transformer_overrides is not None and not isinstance(self.transformer_overrides, dict):
+            raise ValueError(f"transformer_overrides must be a mapping; got {self.transformer_overrides!r}.")
+        if self.pretrained_transformer is None and self.transformer_preset not in TRANSFORMER_PRESETS:
+            raise ValueError(
+                f"transformer_preset must be one of {sorted(TRANSFORMER_PRESETS)}; got {self.transformer_preset!r}."
+            )
+        if self.pretrained_vae is None and self.vae_preset not in VAE_PRESETS:
+            raise ValueError(f"vae_preset must be one of {sorted(VAE_PRESETS)}; got {self.vae_preset!r}.")
+        if self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1; got {self.max_sequence_length}.")
+
+    def _check_objective(self) -> None:
+        for name in ("image_dropout", "text_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}.")
+        if self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}; got {self.weighting_scheme!r}.")
+        for name in ("max_nonfinite_steps", "validation_num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+def load_vae(config: DiTTrainingConfig) -> AutoencoderKLNanoI2V:
+    """The frozen VAE (float32, eval mode): the trained one, or a random preset (seeded) for smoke runs."""
+    if config.pretrained_vae:
+        vae = AutoencoderKLNanoI2V.from_pretrained(config.pretrained_vae)
+    else:
+        logger.warning("No pretrained_vae: using a random %r VAE (for smoke tests only).", config.vae_preset)
+        with torch.random.fork_rng(devices=[]):  # the same random VAE for the precompute and training scripts
+            torch.manual_seed(config.seed)
+            vae = AutoencoderKLNanoI2V(**VAE_PRESETS[config.vae_preset])
+    # Training clips are short, so whole-clip encoding fits in memory, and it is faster than the
+    # frame-chunked default (about 1.7x on the CPU for 17 frames at 64 px).
+    vae.use_framewise_encoding = False
+    return vae.requires_grad_(False).eval()
+
+
+def load_text_encoder(config: DiTTrainingConfig):
+    """-> (text encoder, tokenizer), frozen: the hash-checked built-in MiniLM, or a local transformers folder
+    (safetensors weights only; encoder-only class for encoder-decoder models such as T5)."""
+    if config.text_encoder is None:
+        return load_minilm()
+    path = Path(config.text_encoder)
+    if not path.is_dir():
+        raise ValueError(f"text_encoder={config.text_encoder!r} is not a folder with a transformers model.")
+    architectures = AutoConfig.from_pretrained(path, local_files_only=True).architectures or []
+    model_cls = AutoModel
+    if architectures and architectures[0].endswith(ENCODER_ARCHITECTURE_SUFFIXES):
+        model_cls = getattr(transformers, architectures[0], AutoModel)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    text_encoder = model_cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
+    return text_encoder.requires_grad_(False).eval(), tokenizer
+
+
+def build_transformer(config: DiTTrainingConfig, latent_channels: int, text_dim: int) -> NanoI2VTransformer3DModel:
+    if config.pretrained_transformer:
+        return NanoI2VTransformer3DModel.from_pretrained(config.pretrained_transformer)
+    overrides = dict(config.transformer_overrides or {})
+    overrides.update(in_channels=latent_channels + num_condition_channels(latent_channels),
+                     out_channels=latent_channels, text_dim=text_dim)  # fmt: skip
+    return NanoI2VTransformer3DModel.from_preset(config.transformer_preset, **overrides)
+
+
+def latent_shape(vae: AutoencoderKLNanoI2V, config: DiTTrainingConfig) -> Tuple[int, int, int, int]:
+    """(C, T, h, w) of one clip's latents at the config's resolution and frame count."""
+    frames = (config.num_frames - 1) // vae.temporal_compression_ratio + 1
+    size = config.resolution // vae.spatial_compression_ratio
+    return (vae.config.latent_channels, frames, size, size)
+
+
+def build_noise_scheduler(config: DiTTrainingConfig) -> NanoI2VFlowMatchScheduler:
+    return NanoI2VFlowMatchScheduler(shift=config.scheduler_shift)
+
+
+# --------------------------------------------------------------------------------------------------
+# The flow-matching objective
+# --------------------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, rank: int, micro_step: int) -> torch.Generator:
+    """The CPU generator of one micro-step of one process: all of its random draws depend on these three only."""
+    state = np.random.SeedSequence([seed, rank, micro_step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _uniform(batch_size: int, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(batch_size, generator=generator).to(device)
+
+
+def drop_text(embeds: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """No text for the rows where `keep` (B,) is False: zero states and an all-zero mask, as the pipeline's
+    unconditional branch (`null_text_embeds`) sees it."""
+    keep = keep.to(embeds.device)
+    return embeds * keep.to(embeds.dtype)[:, None, None], mask * keep.to(mask.dtype)[:, None]
+
+
+def noisy_image_latents(image_latents: torch.Tensor, max_std: float, generator: torch.Generator) -> torch.Tensor:
+    """Add Gaussian noise of a per-clip std drawn from U(0, max_std): the model then tolerates small
+    differences between training and inference image latents."""
+    batch_size = image_latents.shape[0]
+    stds = _uniform(batch_size, generator, image_latents.device) * max_std
+    noise = torch.randn(image_latents.shape, generator=generator).to(image_latents.device, image_latents.dtype)
+    return image_latents + stds.view(-1, 1, 1, 1, 1) * noise
+
+
+def flow_matching_inputs(
+    encoded: Dict[str, torch.Tensor],
+    vae: AutoencoderKLNanoI2V,
+    noise_scheduler: NanoI2VFlowMatchScheduler,
+    config: DiTTrainingConfig,
+    generator: torch.Generator,
+) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """-> (transformer keyword arguments, velocity target, per-clip loss weights) for a batch of encoded clips.
+
+    The draws happen in a fixed order from `generator`: posterior sample, image noise, image dropout,
+    text dropout, sigmas, noise.
+    """
+    mean, std = encoded["posterior_mean"].float(), encoded["posterior_std"].float()  # (B, C, T, h, w)
+    latents = vae.normalize_latents(sample_latents(mean, std, generator))
+    batch_size, device = latents.shape[0], latents.device
+    # The posterior mean of latent frame 0 is the image latent: the VAE is causal (DESIGN.md section 5).
+    image_latents = noisy_image_latents(vae.normalize_latents(mean[:, :, :1]), config.condition_noise_std, generator)
+    keep_image = _uniform(batch_size, generator, device) >= config.image_dropout
+    condition = drop_image_condition(build_image_condition(image_latents, latents.shape[2]), keep_image)
+    keep_text = _uniform(batch_size, generator, device) >= config.text_dropout
+    embeds, mask = drop_text(encoded["prompt_embeds"].float(), encoded["prompt_attention_mask"], keep_text)
+
+    density, loss_weighting = split_weighting_scheme(config.weighting_scheme)
+    sigmas = noise_scheduler.sample_training_sigmas(
+        batch_size, density=density, logit_mean=config.logit_mean, logit_std=config.logit_std,
+        mode_scale=config.mode_scale, generator=generator,
+    ).to(device)  # fmt: skip
+    timesteps = sigmas * noise_scheduler.config.num_train_timesteps
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    model_kwargs = {
+        "hidden_states": noise_scheduler.add_noise(latents, noise, timesteps),
+        "timestep": timesteps,
+        "encoder_hidden_states": embeds,
+        "encoder_attention_mask": mask,
+        "condition": condition,
+    }
+    target = noise_scheduler.velocity_target(latents, noise)
+    return model_kwargs, target, noise_scheduler.training_loss_weighting(sigmas, loss_weighting)
+
+
+def split_weighting_scheme(weighting_scheme: str) -> Tuple[str, str]:
+    """diffusers' one `weighting_scheme` flag (SD3 scripts) -> (timestep density, loss weighting):
+    "logit_normal" and "mode" shape the timestep density (with unit loss weights), "sigma_sqrt" and
+    "cosmap" weight the loss (with uniform timesteps), "none" does neither."""
+    density = weighting_scheme if weighting_scheme in ("logit_normal", "mode") else "uniform"
+    loss_weighting = weighting_scheme if weighting_scheme in ("sigma_sqrt", "cosmap") else "none"
+    return density, loss_weighting
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over clips of `weight * mean squared error of the clip`, in float32."""
+    per_clip = (prediction.float() - target.float()).square().flatten(1).mean(1)
+    return (weights.float() * per_clip).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ValidationSet:
+    """Fixed first frames and captions (with their reference clips), encoded once at the start."""
+
+    videos: torch.Tensor  # (N, C, T, H, W) in [-1, 1]
+    captions: List[str]
+    prompt_embeds: torch.Tensor  # (N, L, D)
+    prompt_attention_mask: torch.Tensor  # (N, L)
+
+    @property
+    def images(self) -> List[Image.Image]:
+        return [Image.fromarray(tensor_to_frames(video[:, :1])[0]) for video in self.videos]
+
+
+@torch.no_grad()
+def build_validation_set(config: DiTTrainingConfig, text_encoder, tokenizer) -> ValidationSet:
+    dataset = build_dataset(config, split="validation")
+    items = [dataset[index] for index in range(min(config.num_validation_samples, len(dataset)))]
+    captions = [item["caption"] for item in items]
+    embeds, mask = encode_text(text_encoder, tokenizer, captions, config.max_sequence_length,
+                               device=text_encoder.device)  # fmt: skip
+    videos = torch.stack([item["pixel_values"] for item in items])
+    return ValidationSet(videos, captions, embeds.float().cpu(), mask.cpu())
+
+
+def write_validation_videos(folder: Path, step: int, validation: ValidationSet, generated: np.ndarray,
+                            formats: Tuple[str, ...], fps: int) -> List[Path]:  # fmt: skip
+    """Reference clip | generated clip, one file per sample and format; returns the paths."""
+    paths = []
+    for index, video in enumerate(generated):  # (F, H, W, 3) in [0, 1]
+        generated_video = torch.from_numpy(video).permute(3, 0, 1, 2) * 2 - 1  # (C, F, H, W) in [-1, 1]
+        for fmt in formats:
+            path = folder / f"step-{step:06d}-{index}.{fmt}"
+            paths.append(write_side_by_side(path, [validation.videos[index], generated_video], fps=fps))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had non-finite gradients."""
+
+
+class DiTTrainer:
+    """The training loop; one instance per run."""
+
+    def __init__(self, config: DiTTrainingConfig) -> None:
+        self.config = config
+        self.accelerator = accelerator = build_accelerator(config)
+        self.output_dir = Path(config.output_dir)
+        self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+        set_seed(config.seed)  # the same initial weights on every process
+        if accelerator.is_main_process:
+            save_config(config, self.output_dir)
+
+        self.vae = load_vae(config)
+        self.vae_fingerprint = model_fingerprint(self.vae)
+        _move(self.vae, accelerator.device, self.weight_dtype)
+        self.text_encoder, self.tokenizer = load_text_encoder(config)
+        _move(self.text_encoder, accelerator.device, self.weight_dtype)
+        self.noise_scheduler = build_noise_scheduler(config)
+        self._build_optimization()
+        self.global_step = self._maybe_resume()
+        self.batches = self._training_batches()
+        self.nonfinite_streak = 0
+        self.seen_clips: List[Tuple[str, str]] = []  # (clip hash, caption), for debug_rank_facts
+        self.last_validation_videos: List[Path] = []
+        self.validation = None
+        if accelerator.is_main_process:
+            self.validation = build_validation_set(config, self.text_encoder, self.tokenizer)
+            accelerator.init_trackers("train_dit", config=_tracker_config(config))
+
+    def _build_optimization(self) -> None:
+        config, accelerator = self.config, self.accelerator
+        transformer = build_transformer(config, self.vae.config.latent_channels, self.text_encoder.config.hidden_size)
+        if config.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        optimizer = torch.optim.AdamW(
+            transformer.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+        )  # fmt: skip
+        # The prepared scheduler steps once per process per optimizer step, hence the factors.
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=config.max_train_steps * accelerator.num_processes,
+        )  # fmt: skip
+        self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+        self.ema = None
+        if config.use_ema:
+            self.ema = EMAModel(self.model.parameters(), decay=config.ema_decay, use_ema_warmup=True,
+                                power=config.ema_power, foreach=True)  # fmt: skip
+            accelerator.register_for_checkpointing(self.ema)
+
+    def _maybe_resume(self) -> int:
+        checkpoint = resolve_checkpoint(self.config.output_dir, self.config.resume_from_checkpoint)
+        if checkpoint is None:
+            if self.config.resume_from_checkpoint:
+                self.accelerator.print("No checkpoint found; starting a new run.")
+            return 0
+        self.accelerator.print(f"Resuming from {checkpoint}")
+        self.accelerator.load_state(str(checkpoint))
+        return checkpoint_step(checkpoint)
+
+    # ---------------------------------------------------------------------------------------- data
+
+    def _training_batches(self) -> Iterator[Dict[str, Any]]:
+        """Encoded batches of this process's part of the data, from step `global_step` on, forever."""
+        config, accelerator = self.config, self.accelerator
+        rank, world_size = accelerator.process_index, accelerator.num_processes
+        if config.cache_dir:
+            table, info = load_latent_cache(config.cache_dir, rank, world_size)
+            info.check_matches(latent_shape=latent_shape(self.vae, config), text_shape=self._text_shape(),
+                               vae_fingerprint=self.vae_fingerprint,
+                               text_encoder_fingerprint=model_fingerprint(self.text_encoder))  # fmt: skip
+            loader = build_resumable_dataloader(table, config, self.global_step, config.seed, collate_cache_rows)
+            return iter(loader)
+        dataset = build_dataset(config, split="train")
+        if config.max_train_samples is not None:
+            dataset = Subset(dataset, range(min(config.max_train_samples, len(dataset))))
+        loader = build_resumable_dataloader(shard_dataset(dataset, rank, world_size), config, self.global_step,
+                                            config.seed, collate_videos)  # fmt: skip
+        return (self._encode(batch) for batch in loader)
+
+    def _text_shape(self) -> Tuple[int, int]:
+        return (self.config.max_sequence_length, self.text_encoder.config.hidden_size)
+
+    def _encode(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        encoded = encode_clips(self.vae, self.text_encoder, self.tokenizer, batch["pixel_values"], batch["captions"],
+                               self.config.max_sequence_length)  # fmt: skip
+        return {**encoded, "caption": batch["captions"]}
+
+    # ---------------------------------------------------------------------------------------- steps
+
+    def _micro_step(self, batch: Dict[str, Any], micro_step: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Forward + backward of one micro-batch; at the last one of a step, also the gradient clipping.
+        Returns the loss and, at the last micro-batch, the gradient norm before clipping."""
+        accelerator, device = self.accelerator, self.accelerator.device
+        encoded = {name: value.to(device) for name, value in batch.items() if isinstance(value, torch.Tensor)}
+        if self.config.debug_rank_facts:
+            self._remember_clips(encoded["posterior_mean"], batch["caption"])
+        generator = step_generator(self.config.seed, accelerator.process_index, micro_step)
+        model_kwargs, target, weights = flow_matching_inputs(encoded, self.vae, self.noise_scheduler, self.config,
+                                                             generator)  # fmt: skip
+        grad_norm = None
+        with accelerator.accumulate(self.model):
+            prediction = self.model(**model_kwargs, return_dict=False)[0]
+            loss = weighted_mse(prediction, target, weights)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
+        return loss.detach(), grad_norm
+
+    def _apply_update(self, grad_norm: torch.Tensor) -> bool:
+        """Step the optimizer unless the gradients are not finite; returns whether the weights changed."""
+        finite = bool(torch.isfinite(grad_norm))
+        # Under fp16 the grad scaler skips non-finite steps itself, and must see them to lower its scale.
+        if finite or self.accelerator.scaler is not None:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        updated = finite and not self.accelerator.optimizer_step_was_skipped
+        if updated and self.ema is not None:
+            self.ema.step(self.model.parameters())
+        return updated
+
+    def _train_step(self) -> Dict[str, Any]:
+        """One optimizer step (all its micro-batches); returns the step's log record."""
+        accumulation = self.config.gradient_accumulation_steps
+        losses, grad_norm = [], None
+        for index in range(accumulation):
+            loss, grad_norm = self._micro_step(next(self.batches), self.global_step * accumulation + index)
+            losses.append(loss)
+        updated = self._apply_update(grad_norm)
+        loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+        self.global_step += 1
+        record = {"loss": loss if math.isfinite(loss) else None, "lr": self.lr_scheduler.get_last_lr()[0]}
+        if updated:
+            self.nonfinite_streak = 0
+            record["grad_norm"] = float(grad_norm)
+        else:
+            self.nonfinite_streak += 1
+            record["skipped"] = True
+            if self.accelerator.is_main_process:
+                logger.warning("Step %d: non-finite loss or gradients; update skipped (%d in a row).",
+                               self.global_step, self.nonfinite_streak)  # fmt: skip
+        return record
+
+    def _check_nonfinite_streak(self) -> None:
+        if self.nonfinite_streak < self.config.max_nonfinite_steps:
+            return
+        path = save_checkpoint(self.accelerator, self.output_dir, self.global_step, self.config.checkpoints_total_limit)
+        raise NonFiniteLossError(
+            f"{self.nonfinite_streak} steps in a row had non-finite gradients (max_nonfinite_steps="
+            f"{self.config.max_nonfinite_steps}); stopped at step {self.global_step} after saving {path}. "
+            "Lower the learning rate or check the data, then resume with --resume_from_checkpoint latest."
+        )
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        append_jsonl(self.output_dir / TRAIN_LOG, {"step": self.global_step, **record})
+        if self.global_step % self.config.logging_steps == 0:
+            scalars = {key: value for key, value in record.items() if isinstance(value, (int, float))}
+            self.accelerator.log(scalars, step=self.global_step)
+
+    def train(self) -> Dict[str, Any]:
+        config = self.config
+        progress = tqdm(total=config.max_train_steps, initial=self.global_step, desc="train_dit",
+                        disable=not self.accelerator.is_local_main_process)  # fmt: skip
+        self.model.train()
+        # Steps/s counts the optimizer steps alone (data included), not checkpoints or validation.
+        first_step, step_seconds, record = self.global_step, 0.0, {}
+        while self.global_step < config.max_train_steps:
+            start = time.perf_counter()
+            record = self._train_step()
+            step_seconds += time.perf_counter() - start
+            self._log(record)
+            progress.update(1)
+            progress.set_postfix(loss=_format_loss(record["loss"]),
+                                 steps_per_s=f"{(self.global_step - first_step) / step_seconds:.2f}")  # fmt: skip
+            self._after_step()
+        progress.close()
+        steps_per_second = (self.global_step - first_step) / max(step_seconds, 1e-9)
+        summary = {"steps": self.global_step, "final_loss": record.get("loss"), "train_seconds": round(step_seconds, 1),
+                   "steps_per_second": round(steps_per_second, 3)}  # fmt: skip
+        return self._finish(summary)
+
+    def _after_step(self) -> None:
+        """Stop on a streak of non-finite steps; checkpoint and validate when due."""
+        config, step = self.config, self.global_step
+        self._check_nonfinite_streak()
+        if step % config.checkpointing_steps == 0:
+            save_checkpoint(self.accelerator, self.output_dir, step, config.checkpoints_total_limit)
+        if step % config.validation_steps == 0 or step == config.max_train_steps:
+            self.validate()
+
+    # ---------------------------------------------------------------------------------------- EMA, validation, saving
+
+    def export_transformer(self) -> Optional[NanoI2VTransformer3DModel]:
+        """A standalone copy of the transformer with the EMA weights, on the main process (None elsewhere).
+
+        Call on every process: under FSDP, gathering the full weights is a collective.
+        """
+        parameters = list(self.model.parameters())
+        if self.ema is not None:
+            self.ema.store(parameters)
+            self.ema.copy_to(parameters)
+        state_dict = self.accelerator.get_state_dict(self.model)
+        transformer = None
+        if self.accelerator.is_main_process:  # load_state_dict copies, before the training weights come back
+            transformer = NanoI2VTransformer3DModel.from_config(self.accelerator.unwrap_model(self.model).config)
+            transformer.load_state_dict(state_dict)
+            transformer.requires_grad_(False).eval()
+        if self.ema is not None:
+            self.ema.restore(parameters)
+        return transformer
+
+    @torch.no_grad()
+    def validate(self) -> List[Path]:
+        """Generate the validation videos with the EMA weights; write them and log a contact sheet."""
+        transformer = self.export_transformer()
+        if not self.accelerator.is_main_process:
+            return []
+        config, validation, device = self.config, self.validation, self.accelerator.device
+        # No text encoder: the validation captions were encoded once, at the start.
+        pipeline = NanoI2VPipeline(vae=self.vae, transformer=_move(transformer, device, self.weight_dtype),
+                                   scheduler=self.noise_scheduler)  # fmt: skip
+        pipeline.set_progress_bar_config(disable=True)
+        generated = pipeline(
+            image=validation.images, prompt_embeds=validation.prompt_embeds,
+            prompt_attention_mask=validation.prompt_attention_mask, num_frames=config.eval_num_frames,
+            num_inference_steps=config.validation_num_inference_steps, guidance_scale=config.validation_guidance_scale,
+            generator=torch.Generator().manual_seed(config.seed), output_type="np",
+        ).frames  # fmt: skip
+        folder = self.output_dir / VALIDATION_DIR
+        paths = write_validation_videos(folder, self.global_step, validation, generated, config.validation_formats,
+                                        config.validation_fps)  # fmt: skip
+        frames = (generated * 255).round().astype(np.uint8)  # (N, F, H, W, 3)
+        sheet = make_contact_sheet(list(frames), validation.captions, frame_step=CONTACT_SHEET_FRAME_STEP)
+        sheet.save(folder / f"step-{self.global_step:06d}-sheet.png")
+        self._log_image("validation", np.asarray(sheet))
+        self.last_validation_videos = paths
+        return paths
+
+    def _log_image(self, tag: str, image: np.ndarray) -> None:
+        if self.config.report_to not in ("tensorboard", "all"):
+            return
+        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image(tag, image, self.global_step, dataformats="HWC")
+
+    def _finish(self, summary: Dict[str, Any]) -> Dict[str, Any]:
+        accelerator = self.accelerator
+        transformer = self.export_transformer()
+        if accelerator.is_main_process:
+            self._save_pipeline(transformer, summary)
+            append_jsonl(self.output_dir / TRAIN_LOG, {"step": self.global_step, "summary": summary})
+            accelerator.print(f"Saved the pipeline to {self.output_dir}: {summary}")
+        if self.config.debug_rank_facts:
+            self._write_rank_facts()
+        accelerator.wait_for_everyone()
+        return summary
+
+    def _save_pipeline(self, transformer: NanoI2VTransformer3DModel, summary: Dict[str, Any]) -> None:
+        config = self.config
+        custom_text_encoder = config.text_encoder is not None
+        # The frozen models as loaded (float32), not the copies cast to the mixed-precision dtype.
+        vae = load_vae(config) if config.pretrained_vae else self.vae.float()
+        text_encoder, tokenizer = load_text_encoder(config) if custom_text_encoder else (None, None)
+        pipeline = NanoI2VPipeline(vae=vae, transformer=transformer.float(), scheduler=self.noise_scheduler,
+                                   text_encoder=text_encoder, tokenizer=tokenizer)  # fmt: skip
+        pipeline.save_pretrained(self.output_dir)
+        hub_utils.write_model_card(
+            self.output_dir, repo_id=config.hub_model_id, title=f"NanoI2V ({Path(config.output_dir).name})",
+            description=_card_description(config, summary), datasets=_card_datasets(config),
+            training_config=config.to_dict(), metrics=summary,
+            sample_videos=[path for path in self.last_validation_videos if path.suffix == ".gif"],
+            text_encoder_hint=None if custom_text_encoder else "text_encoder=text_encoder, tokenizer=tokenizer",
+        )  # fmt: skip
+        if config.push_to_hub:
+            publish(self.output_dir, config.hub_model_id, private=config.hub_private)
+
+    # ---------------------------------------------------------------------------------------- debugging
+
+    def _remember_clips(self, posterior_mean: torch.Tensor, captions: List[str]) -> None:
+        for latents, caption in zip(posterior_mean, captions):
+            self.seen_clips.append((clip_hash(latents), caption))
+
+    def _write_rank_facts(self) -> None:
+        accelerator = self.accelerator
+        facts = {
+            "rank": accelerator.process_index,
+            "world_size": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "steps": self.global_step,
+            "clip_hashes": [digest for digest, _ in self.seen_clips],
+            "captions": [caption for _, caption in self.seen_clips],
+            "parameter_fingerprint": model_fingerprint(accelerator.unwrap_model(self.model)),
+        }
+        path = self.output_dir / RANK_FACTS_DIR / f"rank-{accelerator.process_index}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(facts, indent=1), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """`model.to(device)`, then to `dtype` only when it differs (diffusers warns on every dtype cast)."""
+    model.to(device)
+    return model if next(model.parameters()).dtype == dtype else model.to(dtype=dtype)
+
+
+def clip_hash(tensor: torch.Tensor) -> str:
+    """A short hash of a clip's latents: tells apart the clips each process saw."""
+    return hashlib.sha256(tensor.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:CLIP_HASH_DIGITS]
+
+
+def _format_loss(loss: Optional[float]) -> str:
+    return "nan" if loss is None else f"{loss:.4f}"
+
+
+def _tracker_config(config: DiTTrainingConfig) -> Dict[str, Any]:
+    """Tracker hyper-parameters: only scalars and strings (TensorBoard's hparams refuse None and mappings)."""
+    scalar = (int, float, str, bool)
+    return {key: value if isinstance(value, scalar) else str(value) for key, value in config.to_dict().items()}
+
+
+def _card_datasets(config: DiTTrainingConfig) -> List[str]:
+    return [] if config.dataset == "shapes" else [Path(config.train_data_dir).name]
+
+
+def _card_description(config: DiTTrainingConfig, summary: Dict[str, Any]) -> str:
+    data = f"the videos in `{config.train_data_dir}`"
+    if config.dataset == "shapes":
+        data = "the built-in synthetic shapes clips"
+    text = (f"Trained with `training/train_dit.py` on {data} ({config.resolution} x {config.resolution}, "
+            f"{config.num_frames} frames) for {summary['steps']} steps; final training loss "
+            f"{_format_loss(summary.get('final_loss'))}. The transformer weights are the EMA weights.")  # fmt: skip
+    if config.text_encoder is None:
+        text += (" The text encoder is the built-in all-MiniLM-L6-v2, not stored here: "
+                 "`from nanoi2v_diffusers.text_encoders import load_minilm; text_encoder, tokenizer = load_minilm()`.")
+    return text
+
+
+def publish(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Push the pipeline files of `folder` (not the checkpoints, logs or validation videos) to the Hub."""
+    index = json.loads((folder / "model_index.json").read_text())
+    names = ["model_index.json", "README.md", hub_utils.SAMPLES_DIR]
+    names += [name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None]
+    with tempfile.TemporaryDirectory() as staging:
+        for name in names:
+            source, target = folder / name, Path(staging) / name
+            if source.is_dir():
+                shutil.copytree(source, target)
+            elif source.is_file():
+                shutil.copy2(source, target)
+        return hub_utils.push_to_hub(staging, repo_id, private=private)
+
+
+def main(argv=None) -> Dict[str, Any]:
+    trainer = DiTTrainer(parse_config(DiTTrainingConfig, argv))
+    try:
+        return trainer.train()
+    finally:
+        # Dropping the (DDP) model before the process group goes avoids a sporadic gloo abort at exit.
+        accelerator = trainer.accelerator
+        del trainer
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
