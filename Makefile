@@ -24,5 +24,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# Retrain the built-in shapes model from scratch (VAE, latent cache, DiT), then run the demo.
+train-demo: $(STAMP)
+	$(PY) examples/demo.py --train
+
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -8,31 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from transformers import BertConfig, BertModel, BertTokenizer
 
 from nanoi2v_diffusers.models import VAE_PRESETS, AutoencoderKLNanoI2V
-
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-# Every word of the shapes captions (DESIGN.md section 6), so captions do not tokenize to [UNK].
-CAPTION_WORDS = (
-    "a the red green blue yellow cyan magenta white circle square triangle moves stays still left right up down "
-    "and to while slowly quickly ,"
-).split()
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=64)  # fmt: skip
-
+from nanoi2v_diffusers.text_encoders import save_tiny_random_text_encoder
 
 def write_tiny_bert(folder: Path, seed: int = 0) -> Path:
-    """A random 2-layer BERT (hidden 32) and its tokenizer, saved with `save_pretrained` (safetensors)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL_TOKENS + CAPTION_WORDS) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer(str(vocab))
-    torch.manual_seed(seed)
-    model = BertModel(BertConfig(vocab_size=len(SPECIAL_TOKENS) + len(CAPTION_WORDS), **TINY_BERT))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """A random 2-layer BERT (hidden 32) and its word-level tokenizer, saved as safetensors."""
+    return save_tiny_random_text_encoder(folder, hidden_size=32, num_layers=2, seed=seed)
 
 
 def write_tiny_vae(folder: Path, seed: int = 0) -> Path:
