@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+import transformers
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -144,13 +145,29 @@ def save_tiny_random_text_encoder(folder, hidden_size: int = 32, num_layers: int
     return folder
 
 
+# Checkpoints saved from encoder-only classes (T5EncoderModel, CLIPTextModel) load with that class:
+# AutoModel would build the whole encoder-decoder (T5) or the two-tower model (CLIP).
+_ENCODER_ARCHITECTURE_SUFFIXES = ("EncoderModel", "TextModel")
+
+
+def _encoder_class(folder: Path):
+    architectures = AutoConfig.from_pretrained(folder, local_files_only=True).architectures or []
+    if architectures and architectures[0].endswith(_ENCODER_ARCHITECTURE_SUFFIXES):
+        return getattr(transformers, architectures[0], AutoModel)
+    return AutoModel
+
+
 def load_text_encoder(
     path: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None
 ) -> Tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A frozen text encoder + tokenizer: the built-in MiniLM (hash-checked) when `path` is None, else a
     local transformers folder (safetensors only)."""
     folder = verify_minilm() if path is None else Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"text_encoder={str(path)!r} is not a folder holding a transformers model.")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    text_encoder = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=torch_dtype)
+    text_encoder = _encoder_class(folder).from_pretrained(
+        folder, local_files_only=True, use_safetensors=True, dtype=torch_dtype
+    )
     text_encoder.requires_grad_(False).eval()
     return text_encoder, tokenizer

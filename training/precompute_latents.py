@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from nanoi2v_diffusers.data import collate_videos
 from nanoi2v_diffusers.data.latent_cache import LatentCacheInfo, encode_clips, model_fingerprint, write_latent_cache
 from nanoi2v_diffusers.training.common import build_dataset, parse_config
-from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig, latent_shape, load_text_encoder, load_vae
+from nanoi2v_diffusers.text_encoders import load_text_encoder
+from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig, latent_shape, load_vae
 
 
 def cache_source_clips(config: DiTTrainingConfig) -> Subset:
@@ -51,7 +52,7 @@ def precompute(config: DiTTrainingConfig, device: Optional[Union[str, torch.devi
         raise ValueError("Set cache_dir: the folder the latent cache is written to.")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = load_vae(config)
-    text_encoder, tokenizer = load_text_encoder(config)
+    text_encoder, tokenizer = load_text_encoder(config.text_encoder)
     info = LatentCacheInfo(
         latent_shape=latent_shape(vae, config),
         text_shape=(config.max_sequence_length, text_encoder.config.hidden_size),

@@ -39,7 +39,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-import transformers
 import yaml
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
@@ -47,7 +46,6 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from nanoi2v_diffusers import hub_utils
 from nanoi2v_diffusers.conditioning import build_image_condition, drop_image_condition, num_condition_channels
@@ -64,7 +62,7 @@ from nanoi2v_diffusers.models import VAE_PRESETS, AutoencoderKLNanoI2V
 from nanoi2v_diffusers.models.transformer_nanoi2v import TRANSFORMER_PRESETS, NanoI2VTransformer3DModel
 from nanoi2v_diffusers.pipelines.pipeline_nanoi2v import NanoI2VPipeline
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler
-from nanoi2v_diffusers.text_encoders import encode_text, load_minilm
+from nanoi2v_diffusers.text_encoders import encode_text, load_text_encoder
 from nanoi2v_diffusers.training.common import (
     TrainingConfig,
     append_jsonl,
@@ -85,8 +83,6 @@ logger = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
 VALIDATION_FORMATS = ("gif", "mp4")
-# transformers architectures that return `last_hidden_state` from the encoder alone (T5, CLIP text, ...).
-ENCODER_ARCHITECTURE_SUFFIXES = ("EncoderModel", "TextModel")
 TRAIN_LOG = "train_log.jsonl"
 VALIDATION_DIR = "validation"
 RANK_FACTS_DIR = "rank_facts"
@@ -194,23 +190,6 @@ def load_vae(config: DiTTrainingConfig) -> AutoencoderKLNanoI2V:
     # frame-chunked default (about 1.7x on the CPU for 17 frames at 64 px).
     vae.use_framewise_encoding = False
     return vae.requires_grad_(False).eval()
-
-
-def load_text_encoder(config: DiTTrainingConfig):
-    """-> (text encoder, tokenizer), frozen: the hash-checked built-in MiniLM, or a local transformers folder
-    (safetensors weights only; encoder-only class for encoder-decoder models such as T5)."""
-    if config.text_encoder is None:
-        return load_minilm()
-    path = Path(config.text_encoder)
-    if not path.is_dir():
-        raise ValueError(f"text_encoder={config.text_encoder!r} is not a folder with a transformers model.")
-    architectures = AutoConfig.from_pretrained(path, local_files_only=True).architectures or []
-    model_cls = AutoModel
-    if architectures and architectures[0].endswith(ENCODER_ARCHITECTURE_SUFFIXES):
-        model_cls = getattr(transformers, architectures[0], AutoModel)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    text_encoder = model_cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
-    return text_encoder.requires_grad_(False).eval(), tokenizer
 
 
 def build_transformer(config: DiTTrainingConfig, latent_channels: int, text_dim: int) -> NanoI2VTransformer3DModel:
@@ -385,7 +364,7 @@ class DiTTrainer:
         self.vae = load_vae(config)
         self.vae_fingerprint = model_fingerprint(self.vae)
         _move(self.vae, accelerator.device, self.weight_dtype)
-        self.text_encoder, self.tokenizer = load_text_encoder(config)
+        self.text_encoder, self.tokenizer = load_text_encoder(config.text_encoder)
         _move(self.text_encoder, accelerator.device, self.weight_dtype)
         self.noise_scheduler = build_noise_scheduler(config)
         self._build_optimization()
@@ -635,7 +614,7 @@ class DiTTrainer:
         custom_text_encoder = config.text_encoder is not None
         # The frozen models as loaded (float32), not the copies cast to the mixed-precision dtype.
         vae = load_vae(config) if config.pretrained_vae else self.vae.float()
-        text_encoder, tokenizer = load_text_encoder(config) if custom_text_encoder else (None, None)
+        text_encoder, tokenizer = load_text_encoder(config.text_encoder) if custom_text_encoder else (None, None)
         pipeline = NanoI2VPipeline(vae=vae, transformer=transformer.float(), scheduler=self.noise_scheduler,
                                    text_encoder=text_encoder, tokenizer=tokenizer)  # fmt: skip
         pipeline.save_pretrained(self.output_dir)
