@@ -6,6 +6,8 @@ conditioning video that the transformer sees beside the noisy latents (DESIGN.md
 text (prompt None or "") unconditional generation.
 """
 
+import inspect
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -20,10 +22,12 @@ from diffusers.video_processor import VideoProcessor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from nanoi2v_diffusers.conditioning import build_image_condition
+from nanoi2v_diffusers.image_inputs import has_other_aspect_ratio, to_rgb_images
 from nanoi2v_diffusers.models.autoencoder_kl_nanoi2v import AutoencoderKLNanoI2V
 from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel
+from nanoi2v_diffusers.safe_loading import safe_loading_kwargs, validate_pipeline_folder
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler, calculate_shift
-from nanoi2v_diffusers.size_rules import check_frame_count, check_multiple
+from nanoi2v_diffusers.size_rules import check_frame_count, check_multiple, nearest_multiple
 from nanoi2v_diffusers.text_encoders import encode_text, null_text_embeds
 
 logger = logging.get_logger(__name__)
@@ -100,6 +104,38 @@ class NanoI2VPipeline(DiffusionPipeline):
         self.vae_scale_factor_spatial = vae.spatial_compression_ratio if vae is not None else 8
         self.vae_scale_factor_temporal = vae.temporal_compression_ratio if vae is not None else 4
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial, do_convert_rgb=True)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        diffusers' `DiffusionPipeline.from_pretrained`, made safe for folders and repos from strangers.
+
+        Weights load from safetensors only unless `allow_pickle=True` is passed (pickle files are then read with
+        `torch.load(weights_only=True)`, where no safetensors exist); `trust_remote_code` and `custom_pipeline`
+        are refused; model_index.json and every component config are validated first
+        (`safe_loading.validate_pipeline_folder`), so a tampered or incomplete file raises a
+        `ConfigValidationError` naming the file and the key.
+        """
+        kwargs, allow_pickle = safe_loading_kwargs(kwargs)
+        if os.path.isdir(pretrained_model_name_or_path):
+            cls._validate_folder(pretrained_model_name_or_path, kwargs, allow_pickle)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """diffusers' Hub download, then the same validation as a local folder gets (safetensors only by default)."""
+        kwargs, allow_pickle = safe_loading_kwargs(kwargs)
+        folder = super().download(pretrained_model_name, **kwargs)
+        cls._validate_folder(folder, kwargs, allow_pickle)
+        return folder
+
+    @classmethod
+    def _validate_folder(cls, folder, kwargs, allow_pickle: bool) -> None:
+        components = inspect.signature(cls.__init__).parameters
+        passed = [name for name in kwargs if name in components]  # components given as objects are not read
+        validate_pipeline_folder(folder, cls, allow_pickle=allow_pickle, passed_components=passed)
 
     # ------------------------------------------------------------------ text
 
@@ -203,14 +239,19 @@ class NanoI2VPipeline(DiffusionPipeline):
         latents,
         output_type: str,
         callback_on_step_end_tensor_inputs,
+        num_videos_per_prompt: int = 1,
+        max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     ):
         patch = self.transformer.config.patch_size[-1]
         why = f"VAE factor {self.vae_scale_factor_spatial} x patch size {patch}"
         check_multiple("`height`", height, self._size_multiple, why)
         check_multiple("`width`", width, self._size_multiple, why)
         check_frame_count("`num_frames`", num_frames, self.vae_scale_factor_temporal)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1; got {num_inference_steps}.")
+        counts = {"num_inference_steps": num_inference_steps, "num_videos_per_prompt": num_videos_per_prompt,
+                  "max_sequence_length": max_sequence_length}  # fmt: skip
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
         for name, value in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
             if value is not None and not value >= 1.0:
                 raise ValueError(f"`{name}` must be >= 1 (1 turns guidance off); got {value}.")
@@ -226,8 +267,8 @@ class NanoI2VPipeline(DiffusionPipeline):
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-        if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"`prompt` must be a str or a list of str; got {type(prompt).__name__}.")
+        for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+            _check_prompt_type(name, value)
         if image is not None:
             num_images = _num_images(image)
             num_prompts = _prompt_batch_size(prompt, prompt_embeds)
@@ -263,9 +304,15 @@ class NanoI2VPipeline(DiffusionPipeline):
     def encode_image(
         self, image: PipelineImageInput, height: int, width: int, batch_size: int, device, dtype
     ) -> torch.Tensor:
-        """VAE latents `(B, C, 1, h, w)` of the conditioning image(s), normalised like the training latents."""
-        image = [_integer_array_to_pil(i) for i in image] if isinstance(image, list) else _integer_array_to_pil(image)
-        pixels = self.video_processor.preprocess(image, height=height, width=width, resize_mode=IMAGE_RESIZE_MODE)
+        """VAE latents `(B, C, 1, h, w)` of the conditioning image(s), normalised like the training latents.
+
+        Images of any mode, dtype or layout are first made 8-bit RGB (`nanoi2v_diffusers.image_inputs`), then
+        resized to cover `(height, width)` and center-cropped.
+        """
+        images = to_rgb_images(image)
+        if has_other_aspect_ratio(images, height, width):
+            logger.info(f"Conditioning image resized to cover {height}x{width}, then center-cropped (other aspect).")
+        pixels = self.video_processor.preprocess(images, height=height, width=width, resize_mode=IMAGE_RESIZE_MODE)
         pixels = pixels.to(device=device, dtype=self.vae.dtype).unsqueeze(2)  # (N, C, 1, H, W)
         # The mode of the posterior: the image is a condition, so no sampling noise is wanted.
         image_latents = self.vae.encode(pixels).latent_dist.mode()
@@ -364,12 +411,14 @@ class NanoI2VPipeline(DiffusionPipeline):
 
         Args:
             image (PIL image, `np.ndarray`, `torch.Tensor` or a list of them, *optional*): the first frame. Resized
-                to cover `(height, width)` and center-cropped. None gives text-to-video.
+                to cover `(height, width)` and center-cropped; any PIL mode, uint8 / uint16 / float arrays and
+                tensors are accepted (transparency is composited on black, 16-bit is scaled to 8-bit; see
+                `nanoi2v_diffusers.image_inputs`). None gives text-to-video.
             prompt (`str` or `List[str]`, *optional*): the motion to generate. None or "" gives no text
                 (unconditional generation when there is no image either; use `guidance_scale=1` then).
             negative_prompt (`str` or `List[str]`, *optional*): the text guidance steers away from; None = no text.
             height, width (`int`, *optional*): output size, multiples of VAE factor x patch size (16 by default).
-                Default: the image's size when an image is given, else 64.
+                Default: the image's size rounded to the nearest valid multiple when an image is given, else 64.
             num_frames (`int`, defaults to 17): `1 + 4k` frames.
             num_inference_steps (`int`, defaults to 20): denoising steps (a Heun scheduler calls the model
                 twice per step but the last).
@@ -396,23 +445,22 @@ class NanoI2VPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        default_height, default_width = _image_size(image) if image is not None else (DEFAULT_RESOLUTION,) * 2
-        height = default_height if height is None else height
-        width = default_width if width is None else width
+        images = to_rgb_images(image) if image is not None else None
+        height, width = self._output_size(images, height, width)
         self.check_inputs(
-            image, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+            images, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
             image_guidance_scale, prompt_embeds, negative_prompt_embeds, latents, output_type,
-            callback_on_step_end_tensor_inputs,
+            callback_on_step_end_tensor_inputs, num_videos_per_prompt, max_sequence_length,
         )
         self._guidance_scale = guidance_scale
-        self._image_guidance_scale = image_guidance_scale if image is not None else None
+        self._image_guidance_scale = image_guidance_scale if images is not None else None
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype
 
         # 1. Text
-        if prompt is None and prompt_embeds is None and image is not None:
-            prompt = [""] * _num_images(image)
+        if prompt is None and prompt_embeds is None and images is not None:
+            prompt = [""] * len(images)
         embeds, mask, null_embeds, null_mask = self.encode_prompt(
             prompt,
             negative_prompt,
@@ -432,8 +480,8 @@ class NanoI2VPipeline(DiffusionPipeline):
         shape = self._latent_shape(batch_size, num_frames, height, width)
         latents = self.prepare_latents(shape, torch.float32, device, generator, latents)
         image_latents = None
-        if image is not None:
-            image_latents = self.encode_image(image, height, width, batch_size, device, dtype)
+        if images is not None:
+            image_latents = self.encode_image(images, height, width, batch_size, device, dtype)
         condition = build_image_condition(
             image_latents, shape[2], batch_size=batch_size, latent_channels=shape[1], spatial_shape=shape[3:],
             dtype=dtype, device=device,
@@ -477,6 +525,21 @@ class NanoI2VPipeline(DiffusionPipeline):
             return (frames,)
         return NanoI2VPipelineOutput(frames=frames)
 
+    def _output_size(self, images: Optional[List[PIL.Image.Image]], height, width) -> Tuple[int, int]:
+        """`height` and `width` as given; each one left None is the first image's, rounded to the nearest valid
+        multiple (logged when that changes it), or DEFAULT_RESOLUTION without an image."""
+        source = (images[0].height, images[0].width) if images else (DEFAULT_RESOLUTION, DEFAULT_RESOLUTION)
+        size = tuple(
+            nearest_multiple(default, self._size_multiple) if given is None else given
+            for default, given in zip(source, (height, width))
+        )
+        if images and size != source and None in (height, width):
+            logger.warning(
+                f"Output size {size[0]}x{size[1]}: the image's {source[0]}x{source[1]} rounded to multiples of "
+                f"{self._size_multiple}; pass height and width to choose."
+            )
+        return size
+
     def _dynamic_shift_mu(self, latent_shape: Tuple[int, ...]) -> Optional[float]:
         """Resolution-dependent timestep shift for schedulers configured with `use_dynamic_shifting`."""
         config = self.scheduler.config
@@ -498,6 +561,13 @@ def _as_prompt_list(prompt: Optional[Union[str, List[str]]], batch_size: int = 1
     return [p or "" for p in prompt]
 
 
+def _check_prompt_type(name: str, prompt) -> None:
+    if prompt is None or isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
+        raise ValueError(f"`{name}` must be a str or a non-empty list of str; got {prompt!r:.80}.")
+
+
 def _default_mask(embeds: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     if mask is None:
         return torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -510,15 +580,6 @@ def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     if missing == 0:
         return x
     return torch.cat([x, x.new_zeros((x.shape[0], missing, *x.shape[2:]))], dim=1)
-
-
-def _integer_array_to_pil(image):
-    """diffusers' image processor reads numpy arrays as floats in [0, 1]; uint8 images become PIL images."""
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
-        if image.ndim == 4:
-            return [PIL.Image.fromarray(frame) for frame in image]
-        return PIL.Image.fromarray(image)
-    return image
 
 
 def _num_images(image) -> int:
@@ -540,12 +601,3 @@ def _prompt_batch_size(prompt, prompt_embeds) -> Optional[int]:
         return prompt_embeds.shape[0]
     return None
 
-
-def _image_size(image) -> Tuple[int, int]:
-    """(height, width) of a PIL image, an `(H, W, C)` array or a `(C, H, W)` tensor, or the first of a list."""
-    first = image[0] if isinstance(image, list) else image
-    if isinstance(first, PIL.Image.Image):
-        return first.height, first.width
-    if isinstance(first, np.ndarray):
-        return first.shape[-3], first.shape[-2]
-    return first.shape[-2], first.shape[-1]

@@ -77,8 +77,25 @@ def test_gan_loss_starts_after_warmup(tmp_path):
     from nanoi2v_diffusers.training.train_vae import main
 
     main(["--config", str(TINY_CONFIG), "--output_dir", str(tmp_path), "--max_train_steps", "3",
-          "--gan_weight", "0.5", "--gan_start_step", "1", "--validation_steps", "100", "--checkpointing_steps", "100"])  # fmt: skip
+          "--gan_weight", "0.5", "--gan_start_step", "1", "--validation_steps", "100", "--checkpointing_steps", "100",
+          "--reconstruction_loss", "mse"])  # fmt: skip
     records = [record for record in read_log(tmp_path) if "rec_loss" in record]
     assert "gan_loss" not in records[0] and "disc_loss" not in records[0]  # step 1: still warming up
     assert all("gan_loss" in record and "disc_loss" in record for record in records[1:])
     assert all(record["gan_weight"] >= 0 for record in records[1:])
+
+
+def test_vae_config_choices_and_initial_logvar():
+    from nanoi2v_diffusers.training.train_vae import VAETrainingConfig, build_vae
+
+    with pytest.raises(ValueError, match="reconstruction_loss must be one of"):
+        VAETrainingConfig(reconstruction_loss="l3")
+    with pytest.raises(ValueError, match="vae_preset must be one of"):
+        VAETrainingConfig(vae_preset="huge")
+    vae = build_vae(VAETrainingConfig(vae_preset="tiny", initial_posterior_logvar=-6.0))
+    with torch.no_grad():
+        posterior = vae.encode(torch.zeros(1, 3, 1, 8, 8)).latent_dist
+    # Zero input: the conv_out output is its bias plus what earlier layers' biases propagate, so the
+    # log-variance half sits around -6 (std about 0.05) while the mean half stays near 0.
+    assert posterior.logvar.mean().item() == pytest.approx(-6.0, abs=1.0)
+    assert posterior.mean.abs().mean().item() < 1.0

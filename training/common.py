@@ -27,12 +27,15 @@ from accelerate.utils import ProjectConfiguration
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from nanoi2v_diffusers.data import ShapesConfig, ShapesDataset, VideoFolderDataset, collate_videos, write_video
+from nanoi2v_diffusers.safe_loading import check_checkpoint_pickles
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 # A checkpoint being written: never listed, renamed to checkpoint-<step> once complete.
 PARTIAL_CHECKPOINT_PREFIX = ".partial-checkpoint-"
+# A checkpoint being deleted (rotation, replacement): renamed first, so it is never half-deleted under its name.
+STALE_CHECKPOINT_PREFIX = ".stale-"
 DATASETS = ("shapes", "video_folder")
 MIXED_PRECISION_MODES = ("no", "fp16", "bf16")
 # Shapes clips are generated on the fly, so an "epoch" is only a length for the sampler.
@@ -56,6 +59,7 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    max_nonfinite_steps: int = 5  # optimizer steps in a row with NaN/inf gradients (each skipped) before the run stops
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
@@ -70,6 +74,7 @@ class TrainingConfig:
     dataset: str = "shapes"
     train_data_dir: Optional[str] = None
     validation_data_dir: Optional[str] = None  # video_folder only; defaults to train_data_dir
+    max_bad_fraction: float = 0.5  # video_folder only: unreadable videos are skipped; past this fraction the run stops
     resolution: int = 64
     num_frames: int = 17
     validation_num_frames: Optional[int] = None  # defaults to num_frames
@@ -83,9 +88,11 @@ class TrainingConfig:
         if self.dataset == "video_folder" and not self.train_data_dir:
             raise ValueError("dataset='video_folder' needs train_data_dir (a folder of videos).")
         for name in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps",
-                     "validation_steps", "logging_steps"):  # fmt: skip
+                     "validation_steps", "logging_steps", "max_nonfinite_steps"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1]; got {self.max_bad_fraction}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoints_total_limit must be >= 1 or None; got {self.checkpoints_total_limit}.")
 
@@ -246,6 +253,12 @@ def resolve_checkpoint(output_dir: Union[str, os.PathLike], resume_from_checkpoi
     return path
 
 
+def load_checkpoint(accelerator: Accelerator, checkpoint: Union[str, os.PathLike]) -> None:
+    """`accelerator.load_state`, after proving the files it unpickles unsafely hold only tensors and numbers."""
+    check_checkpoint_pickles(checkpoint)
+    accelerator.load_state(str(checkpoint))
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Union[str, os.PathLike], step: int,
                     total_limit: Optional[int]) -> Path:  # fmt: skip
     """`accelerator.save_state` to `output_dir/checkpoint-<step>`, atomically, then rotate old checkpoints.
@@ -258,8 +271,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Union[str, os.PathLike
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     partial = output_dir / f"{PARTIAL_CHECKPOINT_PREFIX}{step}"
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)  # left over from a crash
+    if accelerator.is_main_process:  # left over from a crash
+        for leftover in [partial, *output_dir.glob(f"{STALE_CHECKPOINT_PREFIX}{CHECKPOINT_PREFIX}*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
@@ -270,14 +284,36 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Union[str, os.PathLike
     return final
 
 
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had non-finite gradients."""
+
+
+def stop_on_nonfinite_streak(accelerator: Accelerator, config: TrainingConfig, step: int, streak: int) -> None:
+    """After `config.max_nonfinite_steps` skipped (non-finite) steps in a row, save a checkpoint and raise
+    `NonFiniteLossError`: the run stops with its state on disk instead of burning compute on NaNs."""
+    if streak < config.max_nonfinite_steps:
+        return
+    path = save_checkpoint(accelerator, config.output_dir, step, config.checkpoints_total_limit)
+    raise NonFiniteLossError(
+        f"{streak} steps in a row had non-finite gradients (max_nonfinite_steps={config.max_nonfinite_steps}); "
+        f"stopped at step {step} after saving {path}. Lower the learning rate or check the data, then resume "
+        "with --resume_from_checkpoint latest."
+    )
+
+
 def _replace_folder(source: Path, target: Path) -> None:
     """Rename `source` to `target`, replacing an existing `target` (e.g. a step saved twice)."""
-    stale = target.with_name(f".stale-{target.name}")
     if target.exists():
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(target, stale)
+        _delete_folder(target)
     os.replace(source, target)
+
+
+def _delete_folder(folder: Path) -> None:
+    """Rename, then delete: a crash mid-delete leaves a hidden `.stale-*` folder, never a half-deleted checkpoint."""
+    stale = folder.with_name(f"{STALE_CHECKPOINT_PREFIX}{folder.name}")
     shutil.rmtree(stale, ignore_errors=True)
+    os.replace(folder, stale)
+    shutil.rmtree(stale)
 
 
 def _rotate_checkpoints(output_dir: Path, total_limit: Optional[int]) -> None:
@@ -286,7 +322,7 @@ def _rotate_checkpoints(output_dir: Path, total_limit: Optional[int]) -> None:
     existing = list_checkpoints(output_dir)
     for stale in existing[: max(0, len(existing) - total_limit)]:
         logger.info("Removing old checkpoint %s", stale)
-        shutil.rmtree(stale)
+        _delete_folder(stale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,7 +339,8 @@ def build_dataset(config: TrainingConfig, split: str = "train") -> Dataset:
         return ShapesDataset(length, split=split, config=shapes)
     root = config.train_data_dir if split == "train" else (config.validation_data_dir or config.train_data_dir)
     return VideoFolderDataset(root, num_frames=num_frames, height=config.resolution, width=config.resolution,
-                              random_flip=split == "train", seed=config.seed)  # fmt: skip
+                              random_flip=split == "train", seed=config.seed,
+                              max_bad_fraction=config.max_bad_fraction)  # fmt: skip
 
 
 def build_dataloader(dataset: Dataset, config: TrainingConfig, shuffle: bool, batch_size: Optional[int] = None) -> DataLoader:

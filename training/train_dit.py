@@ -64,17 +64,20 @@ from nanoi2v_diffusers.pipelines.pipeline_nanoi2v import NanoI2VPipeline
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler
 from nanoi2v_diffusers.text_encoders import encode_text, load_text_encoder
 from nanoi2v_diffusers.training.common import (
+    NonFiniteLossError,  # noqa: F401 - raised by stop_on_nonfinite_streak; part of this script's API
     TrainingConfig,
     append_jsonl,
     build_accelerator,
     build_dataset,
     build_resumable_dataloader,
     checkpoint_step,
+    load_checkpoint,
     parse_config,
     resolve_checkpoint,
     save_checkpoint,
     save_config,
     shard_dataset,
+    stop_on_nonfinite_streak,
     write_side_by_side,
 )
 
@@ -119,7 +122,6 @@ class DiTTrainingConfig(TrainingConfig):
     use_ema: bool = True
     ema_decay: float = 0.9999
     ema_power: float = 0.75  # EMA warm-up: decay = 1 - (1 + step) ** -power, capped at ema_decay
-    max_nonfinite_steps: int = 5
     # Data. With cache_dir the clips come from training/precompute_latents.py's cache.
     cache_dir: Optional[str] = None
     max_train_samples: Optional[int] = None  # use the first N training clips (the clips a cache holds)
@@ -167,9 +169,8 @@ class DiTTrainingConfig(TrainingConfig):
                 raise ValueError(f"{name} must be in [0, 1]; got {getattr(self, name)}.")
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
             raise ValueError(f"weighting_scheme must be one of {WEIGHTING_SCHEMES}; got {self.weighting_scheme!r}.")
-        for name in ("max_nonfinite_steps", "validation_num_inference_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+        if self.validation_num_inference_steps < 1:
+            raise ValueError(f"validation_num_inference_steps must be >= 1; got {self.validation_num_inference_steps}.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class DiTTrainingConfig(TrainingConfig):
 def load_vae(config: DiTTrainingConfig) -> AutoencoderKLNanoI2V:
     """The frozen VAE (float32, eval mode): the trained one, or a random preset (seeded) for smoke runs."""
     if config.pretrained_vae:
-        vae = AutoencoderKLNanoI2V.from_pretrained(config.pretrained_vae)
+        vae = AutoencoderKLNanoI2V.from_pretrained(config.pretrained_vae, use_safetensors=True)
     else:
         logger.warning("No pretrained_vae: using a random %r VAE (for smoke tests only).", config.vae_preset)
         with torch.random.fork_rng(devices=[]):  # the same random VAE for the precompute and training scripts
@@ -345,10 +346,6 @@ def write_validation_videos(folder: Path, step: int, validation: ValidationSet, 
 # --------------------------------------------------------------------------------------------------
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many optimizer steps in a row had non-finite gradients."""
-
-
 class DiTTrainer:
     """The training loop; one instance per run."""
 
@@ -369,6 +366,7 @@ class DiTTrainer:
         self.noise_scheduler = build_noise_scheduler(config)
         self._build_optimization()
         self.global_step = self._maybe_resume()
+        self.train_dataset = None  # the clips' dataset when they are decoded on the fly
         self.batches = self._training_batches()
         self.nonfinite_streak = 0
         self.seen_clips: List[Tuple[str, str]] = []  # (clip hash, caption), for debug_rank_facts
@@ -406,7 +404,7 @@ class DiTTrainer:
                 self.accelerator.print("No checkpoint found; starting a new run.")
             return 0
         self.accelerator.print(f"Resuming from {checkpoint}")
-        self.accelerator.load_state(str(checkpoint))
+        load_checkpoint(self.accelerator, checkpoint)
         return checkpoint_step(checkpoint)
 
     # ---------------------------------------------------------------------------------------- data
@@ -422,7 +420,7 @@ class DiTTrainer:
                                text_encoder_fingerprint=model_fingerprint(self.text_encoder))  # fmt: skip
             loader = build_resumable_dataloader(table, config, self.global_step, config.seed, collate_cache_rows)
             return iter(loader)
-        dataset = build_dataset(config, split="train")
+        dataset = self.train_dataset = build_dataset(config, split="train")
         if config.max_train_samples is not None:
             dataset = Subset(dataset, range(min(config.max_train_samples, len(dataset))))
         loader = build_resumable_dataloader(shard_dataset(dataset, rank, world_size), config, self.global_step,
@@ -494,16 +492,6 @@ class DiTTrainer:
                                self.global_step, self.nonfinite_streak)  # fmt: skip
         return record
 
-    def _check_nonfinite_streak(self) -> None:
-        if self.nonfinite_streak < self.config.max_nonfinite_steps:
-            return
-        path = save_checkpoint(self.accelerator, self.output_dir, self.global_step, self.config.checkpoints_total_limit)
-        raise NonFiniteLossError(
-            f"{self.nonfinite_streak} steps in a row had non-finite gradients (max_nonfinite_steps="
-            f"{self.config.max_nonfinite_steps}); stopped at step {self.global_step} after saving {path}. "
-            "Lower the learning rate or check the data, then resume with --resume_from_checkpoint latest."
-        )
-
     def _log(self, record: Dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -531,13 +519,22 @@ class DiTTrainer:
         progress.close()
         steps_per_second = (self.global_step - first_step) / max(step_seconds, 1e-9)
         summary = {"steps": self.global_step, "final_loss": record.get("loss"), "train_seconds": round(step_seconds, 1),
-                   "steps_per_second": round(steps_per_second, 3)}  # fmt: skip
+                   "steps_per_second": round(steps_per_second, 3), **self._bad_file_report()}  # fmt: skip
         return self._finish(summary)
+
+    def _bad_file_report(self) -> Dict[str, Any]:
+        """The unreadable videos this process skipped (video folders only), for the summary."""
+        bad_files = getattr(self.train_dataset, "bad_files", None)
+        if bad_files is None:
+            return {}
+        if bad_files:
+            logger.warning("Skipped %d unreadable video(s): %s", len(bad_files), ", ".join(bad_files))
+        return {"num_bad_video_files": len(bad_files)}
 
     def _after_step(self) -> None:
         """Stop on a streak of non-finite steps; checkpoint and validate when due."""
         config, step = self.config, self.global_step
-        self._check_nonfinite_streak()
+        stop_on_nonfinite_streak(self.accelerator, config, step, self.nonfinite_streak)
         if step % config.checkpointing_steps == 0:
             save_checkpoint(self.accelerator, self.output_dir, step, config.checkpoints_total_limit)
         if step % config.validation_steps == 0 or step == config.max_train_steps:

@@ -22,6 +22,8 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
+from ..safe_loading import SafeLoadingMixin
+
 # Size presets: "tiny" for tests, "shapes-64" for the built-in shapes demo, "base" for real video.
 VAE_PRESETS: Dict[str, dict] = {
     "tiny": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4),
@@ -363,7 +365,7 @@ def _tiled_apply(
     return output / weight_sum
 
 
-class AutoencoderKLNanoI2V(ModelMixin, AutoencoderMixin, ConfigMixin):
+class AutoencoderKLNanoI2V(SafeLoadingMixin, ModelMixin, AutoencoderMixin, ConfigMixin):
     r"""
     A causal 3D VAE with a KL posterior, encoding videos into latents and decoding latents into videos.
 

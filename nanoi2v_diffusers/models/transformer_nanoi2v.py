@@ -25,6 +25,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 
+from ..safe_loading import SafeLoadingMixin
 from ..size_rules import check_multiple
 
 # Size presets, DiT-style: S and B follow DiT-S/B (width 384/768, 12 layers, 6/12 heads of 64).
@@ -273,7 +274,7 @@ class NanoI2VTransformerBlock(nn.Module):
         return torch.addcmul(hidden_states, ff_output, ffn_gate)
 
 
-class NanoI2VTransformer3DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""
     Diffusion transformer for image-to-video flow matching: predicts the velocity `noise - x0`.
 
