@@ -31,7 +31,7 @@ DEMO_DIR = REPO / "outputs" / "demo"
 TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64.yaml"],
-    ["training/train_dit.py", "--config", "training/configs/shapes_64.yaml", "--output_dir", str(TRAINED_MODEL)],
+    ["training/train_dit.py", "--config", "training/configs/shapes_64.yaml"],  # writes TRAINED_MODEL
 )
 
 # Demo scenes: validation seeds (never trained on), and one image shown with two different motions.

@@ -29,7 +29,7 @@ CARD_TEMPLATE = """---
 
 {description}
 
-An image-to-video diffusion pipeline built with `nanoi2v_diffusers` (`pip install nanoi2v_diffusers`):
+An image-to-video diffusion pipeline built with `nanoi2v_diffusers` (install it from its repository with `pip install -e .`):
 a causal 3D VAE, a diffusion transformer with 3D RoPE, cross-attention to text and adaLN-Zero, and a
 flow-matching scheduler. Given a first frame and a prompt it generates a video; without an image it
 does text-to-video.
