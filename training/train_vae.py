@@ -15,6 +15,7 @@ reaches 28 dB in 300 steps with MSE). Checkpoints (`accelerator.save_state`) eve
 training clips, written into the config, and the VAE is saved with `save_pretrained(output_dir)`.
 """
 
+import dataclasses
 import gc
 import time
 from dataclasses import dataclass
@@ -360,7 +361,10 @@ class VAETrainer:
         summary = {"train_seconds": round(train_seconds, 1), "steps": self.global_step}
         if accelerator.is_main_process:
             vae = self.vae
-            stats_loader = build_dataloader(build_dataset(self.config, "train"), self.config, shuffle=True)
+            # Statistics at the validation length, the clip length the latents will be used at: latent
+            # frames beyond the training length are out of distribution and come out larger.
+            stats_config = dataclasses.replace(self.config, num_frames=self.config.eval_num_frames)
+            stats_loader = build_dataloader(build_dataset(stats_config, "train"), stats_config, shuffle=True)
             mean, std = measure_latent_stats(vae, stats_loader, self.config.num_latent_stat_batches)
             vae.register_to_config(latents_mean=mean, latents_std=std)
             vae.save_pretrained(self.output_dir)
