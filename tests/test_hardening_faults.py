@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import load as accelerate_load
 from safetensors.torch import load_file
 from test_video_io import write_audio_only
-from training_fixtures import fresh_accelerator_state, single_thread, write_tiny_bert, write_tiny_vae  # noqa: F401
+from training_fixtures import assets, fresh_accelerator_state, single_thread, tiny_dit_argv  # noqa: F401
 
 from nanoi2v_diffusers.data import ShapesConfig, VideoFolderDataset, write_shapes_folder
 from nanoi2v_diffusers.training import common, train_dit, train_vae
@@ -46,15 +46,7 @@ POLL_SECONDS = 0.001
 LAUNCH_TIMEOUT_SECONDS = 120
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return {"bert": write_tiny_bert(root / "bert"), "vae": write_tiny_vae(root / "vae")}
-
-
-def _argv(output_dir: Path, assets, *extra: str) -> list:
-    return ["--config", str(TINY_CONFIG), "--output_dir", str(output_dir), "--text_encoder", str(assets["bert"]),
-            "--pretrained_vae", str(assets["vae"]), *extra]  # fmt: skip
+_argv = tiny_dit_argv
 
 
 def _records(output_dir: Path) -> list:

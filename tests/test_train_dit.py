@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
 from safetensors.torch import load_file
-from training_fixtures import fresh_accelerator_state, single_thread, write_tiny_bert, write_tiny_vae  # noqa: F401
+from training_fixtures import assets, fresh_accelerator_state, single_thread, tiny_dit_argv  # noqa: F401
 
 from nanoi2v_diffusers import NanoI2VPipeline
 from nanoi2v_diffusers.data.latent_cache import LatentCacheInfo
@@ -36,15 +36,7 @@ CONFIGS = REPO / "training" / "configs"
 TINY_CONFIG = CONFIGS / "tiny.yaml"
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return {"bert": write_tiny_bert(root / "bert"), "vae": write_tiny_vae(root / "vae")}
-
-
-def _argv(output_dir: Path, assets, *extra: str) -> list:
-    return ["--config", str(TINY_CONFIG), "--output_dir", str(output_dir), "--text_encoder", str(assets["bert"]),
-            "--pretrained_vae", str(assets["vae"]), *extra]  # fmt: skip
+_argv = tiny_dit_argv
 
 
 def _log(output_dir: Path) -> dict:

@@ -40,3 +40,19 @@ def fresh_accelerator_state():
     cases do), so that the next run may use another mixed precision."""
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+TINY_DIT_CONFIG = Path(__file__).resolve().parent.parent / "training" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random BERT and VAE on disk, shared by the tests of one module."""
+    root = tmp_path_factory.mktemp("assets")
+    return {"bert": write_tiny_bert(root / "bert"), "vae": write_tiny_vae(root / "vae")}
+
+
+def tiny_dit_argv(output_dir: Path, assets, *extra: str) -> list:
+    """train_dit.py arguments for the tiny config with the tiny BERT and VAE of the `assets` fixture."""
+    return ["--config", str(TINY_DIT_CONFIG), "--output_dir", str(output_dir), "--text_encoder", str(assets["bert"]),
+            "--pretrained_vae", str(assets["vae"]), *extra]  # fmt: skip

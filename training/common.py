@@ -437,3 +437,15 @@ def write_side_by_side(path: Union[str, os.PathLike], videos: Sequence[torch.Ten
     frames = min(video.shape[1] for video in videos)
     row = torch.cat([video[:, :frames].detach().float().cpu() for video in videos], dim=-1)  # (C, T, H, sum W)
     return write_video(path, row, fps=fps)
+
+
+def resume_if_requested(accelerator: Accelerator, config: TrainingConfig) -> int:
+    """Load the checkpoint `config.resume_from_checkpoint` names ("latest" or a folder); return its step (0 if none)."""
+    checkpoint = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    if checkpoint is None:
+        if config.resume_from_checkpoint:
+            accelerator.print("No checkpoint found; starting a new run.")
+        return 0
+    accelerator.print(f"Resuming from {checkpoint}")
+    load_checkpoint(accelerator, checkpoint)
+    return checkpoint_step(checkpoint)

@@ -70,10 +70,8 @@ from nanoi2v_diffusers.training.common import (
     build_accelerator,
     build_dataset,
     build_resumable_dataloader,
-    checkpoint_step,
-    load_checkpoint,
     parse_config,
-    resolve_checkpoint,
+    resume_if_requested,
     save_checkpoint,
     save_config,
     shard_dataset,
@@ -365,7 +363,7 @@ class DiTTrainer:
         _move(self.text_encoder, accelerator.device, self.weight_dtype)
         self.noise_scheduler = build_noise_scheduler(config)
         self._build_optimization()
-        self.global_step = self._maybe_resume()
+        self.global_step = resume_if_requested(self.accelerator, self.config)
         self.train_dataset = None  # the clips' dataset when they are decoded on the fly
         self.batches = self._training_batches()
         self.nonfinite_streak = 0
@@ -396,16 +394,6 @@ class DiTTrainer:
             self.ema = EMAModel(self.model.parameters(), decay=config.ema_decay, use_ema_warmup=True,
                                 power=config.ema_power, foreach=True)  # fmt: skip
             accelerator.register_for_checkpointing(self.ema)
-
-    def _maybe_resume(self) -> int:
-        checkpoint = resolve_checkpoint(self.config.output_dir, self.config.resume_from_checkpoint)
-        if checkpoint is None:
-            if self.config.resume_from_checkpoint:
-                self.accelerator.print("No checkpoint found; starting a new run.")
-            return 0
-        self.accelerator.print(f"Resuming from {checkpoint}")
-        load_checkpoint(self.accelerator, checkpoint)
-        return checkpoint_step(checkpoint)
 
     # ---------------------------------------------------------------------------------------- data
 

@@ -38,11 +38,9 @@ from nanoi2v_diffusers.training.common import (
     build_accelerator,
     build_dataloader,
     build_dataset,
-    checkpoint_step,
     infinite_batches,
-    load_checkpoint,
     parse_config,
-    resolve_checkpoint,
+    resume_if_requested,
     save_checkpoint,
     save_config,
     stop_on_nonfinite_streak,
@@ -231,23 +229,13 @@ class VAETrainer:
         self.validation_videos = validation_batch(config)
         self.last_metrics: Dict[str, float] = {}
         self.nonfinite_streak = 0
-        self.global_step = self._maybe_resume()
+        self.global_step = resume_if_requested(self.accelerator, self.config)
         if self.accelerator.is_main_process:
             self.accelerator.init_trackers("train_vae", config=config.to_dict())
 
     @property
     def vae(self) -> AutoencoderKLNanoI2V:
         return self.accelerator.unwrap_model(self.model).vae
-
-    def _maybe_resume(self) -> int:
-        checkpoint = resolve_checkpoint(self.config.output_dir, self.config.resume_from_checkpoint)
-        if checkpoint is None:
-            if self.config.resume_from_checkpoint:
-                self.accelerator.print("No checkpoint found; starting a new run.")
-            return 0
-        self.accelerator.print(f"Resuming from {checkpoint}")
-        load_checkpoint(self.accelerator, checkpoint)
-        return checkpoint_step(checkpoint)
 
     def _count_nonfinite(self, logs: Dict[str, float]) -> None:
         """Warn about a skipped (non-finite) step; stop the run after `max_nonfinite_steps` of them in a row."""
