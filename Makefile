@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo train-demo bench clean
+.PHONY: setup test demo train-demo clean
 
 setup: $(STAMP)
 

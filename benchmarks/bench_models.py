@@ -1,6 +1,6 @@
 """Our transformer and VAE against diffusers' Wan components at matched size, measured in the same run.
 
-    python benchmarks/bench_models.py                                  # the default sweep (~5 min on 2 CPU cores)
+    python benchmarks/bench_models.py                                  # the default sweep (~2.5 min, 2 idle cores)
     python benchmarks/bench_models.py --dit_sizes S --dit_videos 17x128x128 --vae_sizes --out s.json
     python benchmarks/bench_models.py --profile dit:S:17x128x128      # torch.profiler tables, both models
 

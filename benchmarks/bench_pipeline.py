@@ -16,7 +16,9 @@ random weights: speed does not depend on the weights. Variants, run interleaved,
 - `euler, CFG batched, offload`: `enable_model_cpu_offload()`, only when a GPU is present.
 
 Columns: seconds per video (the whole call: text, image encoding, denoising, VAE decode), transformer
-seconds per denoising step and per call. The second table is `bench_vae_memory.py`'s decode sweep:
+seconds per denoising step and per call, the time relative to `euler, CFG batched`, and on CUDA the
+growth of `max_memory_allocated` during the call (with offload it includes moving the weights in).
+The second table is `bench_vae_memory.py`'s decode sweep:
 peak memory for 17/33/65/129 frames, chunked vs whole, and chunked with spatial tiling.
 """
 
@@ -25,7 +27,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import PIL.Image
 import torch
