@@ -5,6 +5,8 @@ and `H`, `W` multiples of the spatial factor; the pipeline, the VAE and the tran
 their inputs with these functions so that the messages agree.
 """
 
+import math
+
 
 def nearest_multiple(value: float, multiple: int) -> int:
     """The positive multiple of `multiple` closest to `value` (halves round up)."""
@@ -12,8 +14,8 @@ def nearest_multiple(value: float, multiple: int) -> int:
 
 
 def nearest_frame_count(num_frames: float, ratio: int) -> int:
-    """The valid frame count `1 + ratio * k` closest to `num_frames` (halves round up)."""
-    return 1 + ratio * max(0, int((num_frames - 1) / ratio + 0.5))
+    """The valid frame count `1 + ratio * k` closest to `num_frames` (ties go to the shorter clip)."""
+    return 1 + ratio * max(0, math.ceil((num_frames - 1) / ratio - 0.5))
 
 
 def check_multiple(name: str, value, multiple: int, why: str = "") -> None:

@@ -57,11 +57,11 @@ def test_return_dict_false_gives_tuples(vae):
 @pytest.mark.parametrize(
     "shape, message",
     [
-        ((1, 3, 16, 16, 16), r"num_frames must be 1 \+ 4 \* k .* got 16\. Nearest valid value: 17"),
-        ((1, 3, 3, 16, 16), r"got 3\. Nearest valid value: (1|5)"),
-        ((1, 3, 11, 16, 16), r"got 11\. Nearest valid value: 9"),
-        ((1, 3, 5, 30, 16), r"height must be a positive multiple of 8; got 30\. Nearest valid value: 32"),
-        ((1, 3, 5, 16, 4), r"width must be a positive multiple of 8; got 4\. Nearest valid value: 8"),
+        ((1, 3, 16, 16, 16), r"num_frames must be 1 \+ 4\*k .* got 16, nearest valid is 17"),
+        ((1, 3, 3, 16, 16), r"got 3, nearest valid is (1|5)"),
+        ((1, 3, 11, 16, 16), r"got 11, nearest valid is 9"),
+        ((1, 3, 5, 30, 16), r"height must be a positive multiple of 8; got 30, nearest valid is 32"),
+        ((1, 3, 5, 16, 4), r"width must be a positive multiple of 8; got 4, nearest valid is 8"),
         ((1, 4, 5, 16, 16), r"Expected a video \(B, C=3, T, H, W\)"),
         ((3, 5, 16, 16), r"Expected a video"),
     ],
@@ -205,8 +205,8 @@ def test_tiled_approximates_untiled(vae):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(tile_sample_min_height=60), r"multiple of 8; got 60\. Nearest valid value: 64"),
-        (dict(tile_sample_stride_width=13), r"positive multiple of 8; got 13\. Nearest valid value: 16"),
+        (dict(tile_sample_min_height=60), r"multiple of 8; got 60, nearest valid is 64"),
+        (dict(tile_sample_stride_width=13), r"positive multiple of 8; got 13, nearest valid is 16"),
         (dict(tile_sample_min_width=64, tile_sample_stride_width=72), "must not exceed the tile size"),
     ],
 )

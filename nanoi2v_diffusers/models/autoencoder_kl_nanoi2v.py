@@ -23,6 +23,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from ..safe_loading import SafeLoadingMixin
+from ..size_rules import check_frame_count, check_multiple
 
 # Size presets: "tiny" for tests, "shapes-64" for the built-in shapes demo, "base" for real video.
 VAE_PRESETS: Dict[str, dict] = {
@@ -490,11 +491,7 @@ class AutoencoderKLNanoI2V(SafeLoadingMixin, ModelMixin, AutoencoderMixin, Confi
         ratio = self.spatial_compression_ratio
         for name, value in (("tile_sample_min_height", height), ("tile_sample_min_width", width),
                             ("tile_sample_stride_height", stride_height), ("tile_sample_stride_width", stride_width)):  # fmt: skip
-            if value <= 0 or value % ratio:
-                nearest = max(ratio, ratio * round(value / ratio))
-                raise ValueError(
-                    f"{name} must be a positive multiple of {ratio}; got {value}. Nearest valid value: {nearest}."
-                )
+            check_multiple(name, value, ratio)
         if stride_height > height or stride_width > width:
             raise ValueError(
                 f"Tile strides must not exceed the tile size (tiles would leave gaps); got stride "
@@ -522,21 +519,9 @@ class AutoencoderKLNanoI2V(SafeLoadingMixin, ModelMixin, AutoencoderMixin, Confi
             raise ValueError(
                 f"Expected a video (B, C={self.config.in_channels}, T, H, W); got shape {tuple(x.shape)}."
             )
-        ratio_t = self.temporal_compression_ratio
-        num_frames = x.shape[2]
-        if (num_frames - 1) % ratio_t:
-            nearest = 1 + ratio_t * max(0, round((num_frames - 1) / ratio_t))
-            raise ValueError(
-                f"num_frames must be 1 + {ratio_t} * k (1, {1 + ratio_t}, {1 + 2 * ratio_t}, ...); got {num_frames}. "
-                f"Nearest valid value: {nearest}."
-            )
-        ratio = self.spatial_compression_ratio
-        for name, size in (("height", x.shape[3]), ("width", x.shape[4])):
-            if size % ratio or size == 0:
-                nearest = max(ratio, ratio * round(size / ratio))
-                raise ValueError(
-                    f"{name} must be a positive multiple of {ratio}; got {size}. Nearest valid value: {nearest}."
-                )
+        check_frame_count("num_frames", x.shape[2], self.temporal_compression_ratio)
+        check_multiple("height", x.shape[3], self.spatial_compression_ratio)
+        check_multiple("width", x.shape[4], self.spatial_compression_ratio)
 
     def _check_latents(self, z: torch.Tensor) -> None:
         if z.ndim != 5 or z.shape[1] != self.config.latent_channels:
