@@ -27,8 +27,10 @@ SHIPPED_MODEL = REPO / "examples" / "nanoi2v-shapes-64"
 TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64"
 DEMO_DIR = REPO / "outputs" / "demo"
 
-# The recipe of the built-in model, in order: VAE, latent + text cache, DiT (see README "Training").
+# The recipe of the built-in model, in order: VAE on first frames, then on clips, latent + text cache,
+# DiT (see README "Training").
 TRAINING_STEPS = (
+    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_images.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/train_dit.py", "--config", "training/configs/shapes_64.yaml"],  # writes TRAINED_MODEL
@@ -55,7 +57,7 @@ def find_or_train_model(retrain: bool) -> Path:
         for home in (SHIPPED_MODEL, TRAINED_MODEL):
             if (home / "model_index.json").is_file():
                 return home
-    print("No trained model found: training the built-in shapes model (VAE, latent cache, DiT)...")
+    print("No trained model found: training the built-in shapes model (VAE in two stages, latent cache, DiT)...")
     for step in TRAINING_STEPS:
         subprocess.run([sys.executable, *step], cwd=REPO, check=True)
     return TRAINED_MODEL

@@ -1,6 +1,7 @@
 """NanoI2VPipeline with tiny random components, following diffusers' pipeline-test layout."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -21,6 +22,8 @@ from nanoi2v_diffusers.conditioning import num_condition_channels
 from nanoi2v_diffusers.data import generate_shapes_clip, ShapesConfig
 from nanoi2v_diffusers.models.autoencoder_kl_nanoi2v import VAE_PRESETS
 from nanoi2v_diffusers.text_encoders import load_text_encoder, save_tiny_random_text_encoder
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 SIZE = 32
 FRAMES = 5
@@ -370,6 +373,28 @@ class TestNanoI2VPipeline:
         full = NanoI2VPipeline.from_pretrained(tmp_path, text_encoder=text_encoder, tokenizer=tokenizer)
         full.set_progress_bar_config(disable=True)
         assert full(**self.get_dummy_inputs()).frames.shape == (1, FRAMES, SIZE, SIZE, 3)
+
+    def test_ship_model_writes_float16_that_loads_as_float32(self, tmp_path, monkeypatch):
+        from safetensors import safe_open
+
+        monkeypatch.syspath_prepend(str(EXAMPLES))
+        from ship_model import ship
+
+        components = self.get_dummy_components()
+        components.pop("text_encoder"), components.pop("tokenizer")
+        NanoI2VPipeline(**components).save_pretrained(tmp_path / "trained")
+        (tmp_path / "trained" / "README.md").write_text("model card")
+        (tmp_path / "trained" / "checkpoint-10").mkdir()
+        ship(tmp_path / "trained", tmp_path / "shipped")
+        with safe_open(str(tmp_path / "shipped" / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+            assert {f.get_tensor(name).dtype for name in f.keys()} == {torch.float16}
+        assert (tmp_path / "shipped" / "README.md").read_text() == "model card"
+        assert not (tmp_path / "shipped" / "checkpoint-10").exists()
+        shipped = NanoI2VPipeline.from_pretrained(tmp_path / "shipped")
+        assert shipped.transformer.dtype == torch.float32
+        for name, param in shipped.transformer.named_parameters():
+            original = components["transformer"].get_parameter(name)
+            torch.testing.assert_close(param, original.half().float(), atol=0, rtol=0)
 
     def test_model_card_and_push_to_hub(self, tmp_path, monkeypatch):
         pipe = self.get_pipe()

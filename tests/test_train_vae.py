@@ -99,3 +99,19 @@ def test_vae_config_choices_and_initial_logvar():
     # log-variance half sits around -6 (std about 0.05) while the mean half stays near 0.
     assert posterior.logvar.mean().item() == pytest.approx(-6.0, abs=1.0)
     assert posterior.mean.abs().mean().item() < 1.0
+
+
+def test_built_in_recipe_chains_its_stages():
+    """make train-demo runs the image stage, the clip stage, then the DiT: each starts from the last one's output."""
+    from nanoi2v_diffusers.training.common import parse_config
+    from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig
+    from nanoi2v_diffusers.training.train_vae import VAETrainingConfig
+
+    configs = ROOT / "training" / "configs"
+    images = parse_config(VAETrainingConfig, ["--config", str(configs / "vae_shapes_64_images.yaml")])
+    clips = parse_config(VAETrainingConfig, ["--config", str(configs / "vae_shapes_64.yaml")])
+    dit = parse_config(DiTTrainingConfig, ["--config", str(configs / "shapes_64.yaml")])
+    assert images.num_frames == 1 and images.pretrained_vae is None
+    assert clips.pretrained_vae == images.output_dir and clips.num_frames == dit.num_frames == 17
+    assert dit.pretrained_vae == clips.output_dir
+    assert images.resolution == clips.resolution == dit.resolution == 64
