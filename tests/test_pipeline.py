@@ -381,7 +381,7 @@ class TestNanoI2VPipeline:
         from ship_model import ship
 
         components = self.get_dummy_components()
-        components.pop("text_encoder"), components.pop("tokenizer")
+        del components["text_encoder"], components["tokenizer"]
         NanoI2VPipeline(**components).save_pretrained(tmp_path / "trained")
         (tmp_path / "trained" / "README.md").write_text("model card")
         (tmp_path / "trained" / "checkpoint-10").mkdir()

@@ -87,19 +87,17 @@ class CausalConv3d(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor, cache: Optional[CausalConvCache] = None) -> torch.Tensor:
-        if self.kernel_t > 1 and x.shape[1] == 1 and (cache is None or self not in cache):
-            return self._first_frame_alone(x, cache)
+        if self.kernel_t > 1 and x.shape[1] == 1 and cache is None:
+            return self._image_alone(x)
         if self.kernel_t > 1 or self.stride_t > 1:
             x = self._stack_windows(x, cache)  # (B, T_out, kt * C, H, W)
         b, t = x.shape[:2]
         return self.conv(x.flatten(0, 1)).unflatten(0, (b, t))  # (B, T_out, C_out, H', W')
 
-    def _first_frame_alone(self, x: torch.Tensor, cache: Optional[CausalConvCache]) -> torch.Tensor:
-        # An image, or a video's first chunk of one frame: its past is all zeros, so only the last temporal
-        # tap sees data. Convolving with that tap alone gives the same result kt times cheaper.
-        if cache is not None:  # the next window starts at the first stride step of (zeros, frame)
-            past = x.new_zeros(x.shape[0], self.kernel_t - 1, *x.shape[2:])
-            cache.store(self, torch.cat([past, x], dim=1)[:, self.stride_t :])
+    def _image_alone(self, x: torch.Tensor) -> torch.Tensor:
+        # A one-frame video with no cache (image training, whole-clip encode of an image): its past is all
+        # zeros, so only the last temporal tap sees data. That tap alone gives the same result kt times cheaper.
+        # Chunked passes take the general path: their one-frame first chunk must also fill the cache.
         last_tap = self.conv.weight[:, -x.shape[2] :]  # (C_out, C, kh, kw): the weights of the newest frame
         out = F.conv2d(x[:, 0], last_tap, self.conv.bias, self.conv.stride, self.conv.padding)
         return out.unsqueeze(1)  # (B, 1, C_out, H', W')
