@@ -1,5 +1,7 @@
 """The `datasets`-backed latent + text-embedding cache (nanoi2v_diffusers/data/latent_cache.py)."""
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -16,16 +18,17 @@ from nanoi2v_diffusers.data.latent_cache import (
     load_latent_cache,
     model_fingerprint,
     sample_latents,
+    vae_encoder_fingerprint,
     write_latent_cache,
 )
-from nanoi2v_diffusers.models import AutoencoderKLNanoI2V
+from nanoi2v_diffusers.models import VAE_PRESETS, AutoencoderKLNanoI2V
 
 LATENT_SHAPE = (4, 2, 4, 4)
 TEXT_SHAPE = (8, 32)
 
 
 def _info(**overrides) -> LatentCacheInfo:
-    values = dict(latent_shape=LATENT_SHAPE, text_shape=TEXT_SHAPE, num_clips=0, vae_fingerprint="vae",
+    values = dict(latent_shape=LATENT_SHAPE, text_shape=TEXT_SHAPE, num_clips=0, vae_encoder_fingerprint="vae",
                   text_encoder_fingerprint="text")  # fmt: skip
     return LatentCacheInfo(**{**values, **overrides})
 
@@ -105,10 +108,10 @@ def test_folder_without_info_file_is_not_a_cache(tmp_path):
         load_latent_cache(tmp_path / "plain")
 
 
-@pytest.mark.parametrize("key, value", [("vae_fingerprint", "other"), ("text_encoder_fingerprint", "other"),
+@pytest.mark.parametrize("key, value", [("vae_encoder_fingerprint", "other"), ("text_encoder_fingerprint", "other"),
                                         ("latent_shape", (4, 3, 4, 4)), ("text_shape", (16, 32))])  # fmt: skip
 def test_mismatched_cache_is_refused_naming_the_setting(key, value):
-    expected = dict(latent_shape=LATENT_SHAPE, text_shape=TEXT_SHAPE, vae_fingerprint="vae",
+    expected = dict(latent_shape=LATENT_SHAPE, text_shape=TEXT_SHAPE, vae_encoder_fingerprint="vae",
                     text_encoder_fingerprint="text")  # fmt: skip
     _info().check_matches(**expected)
     with pytest.raises(ValueError, match=key):
@@ -119,6 +122,27 @@ def test_info_file_round_trips(tmp_path):
     info = _info(num_clips=3, dtype="float16", source="shapes")
     info.save(tmp_path)
     assert LatentCacheInfo.load(tmp_path) == info
+
+
+def test_cache_of_another_format_version_is_refused(tmp_path):
+    _info().save(tmp_path)
+    path = tmp_path / CACHE_INFO_FILE
+    values = json.loads(path.read_text())
+    values["format_version"] = 1
+    path.write_text(json.dumps(values))
+    with pytest.raises(ValueError, match="format 1.*precompute_latents"):
+        LatentCacheInfo.load(tmp_path)
+
+
+def test_vae_fingerprint_covers_the_encoder_only():
+    vae = AutoencoderKLNanoI2V(**VAE_PRESETS["tiny"])
+    before = vae_encoder_fingerprint(vae)
+    with torch.no_grad():
+        vae.decoder.conv_out.conv.weight.add_(1.0)
+    assert vae_encoder_fingerprint(vae) == before  # a decoder fine-tune keeps the cache valid
+    with torch.no_grad():
+        vae.encoder.conv_in.conv.weight[0].mul_(1.5)
+    assert vae_encoder_fingerprint(vae) != before
 
 
 def test_unknown_cache_dtype_raises():

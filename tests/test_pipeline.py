@@ -396,6 +396,26 @@ class TestNanoI2VPipeline:
             original = components["transformer"].get_parameter(name)
             torch.testing.assert_close(param, original.half().float(), atol=0, rtol=0)
 
+    def test_ship_model_swaps_in_a_decoder_fine_tune_only(self, tmp_path, monkeypatch):
+        monkeypatch.syspath_prepend(str(EXAMPLES))
+        from ship_model import ship
+
+        components = self.get_dummy_components()
+        del components["text_encoder"], components["tokenizer"]
+        NanoI2VPipeline(**components).save_pretrained(tmp_path / "trained")
+        vae = components["vae"]
+        with torch.no_grad():
+            vae.decoder.conv_out.conv.bias.add_(0.25)
+        vae.save_pretrained(tmp_path / "decoder_tuned")
+        ship(tmp_path / "trained", tmp_path / "shipped", vae=tmp_path / "decoder_tuned")
+        shipped = NanoI2VPipeline.from_pretrained(tmp_path / "shipped").vae
+        torch.testing.assert_close(shipped.decoder.conv_out.conv.bias, vae.decoder.conv_out.conv.bias.half().float())
+        with torch.no_grad():
+            vae.encoder.conv_in.conv.bias.add_(0.25)
+        vae.save_pretrained(tmp_path / "other_encoder")
+        with pytest.raises(ValueError, match="another encoder"):
+            ship(tmp_path / "trained", tmp_path / "refused", vae=tmp_path / "other_encoder")
+
     def test_model_card_and_push_to_hub(self, tmp_path, monkeypatch):
         pipe = self.get_pipe()
         pipe.save_pretrained(tmp_path)

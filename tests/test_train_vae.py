@@ -85,6 +85,21 @@ def test_gan_loss_starts_after_warmup(tmp_path):
     assert all(record["gan_weight"] >= 0 for record in records[1:])
 
 
+@pytest.mark.slow
+def test_decoder_only_training_keeps_the_encoder_and_latent_stats(trained_run, tmp_path):
+    from nanoi2v_diffusers.data.latent_cache import vae_encoder_fingerprint
+    from nanoi2v_diffusers.training.train_vae import main
+
+    main(["--config", str(TINY_CONFIG), "--output_dir", str(tmp_path), "--max_train_steps", "3",
+          "--pretrained_vae", str(trained_run), "--train_decoder_only",
+          "--validation_steps", "100", "--checkpointing_steps", "100"])  # fmt: skip
+    before, after = AutoencoderKLNanoI2V.from_pretrained(trained_run), AutoencoderKLNanoI2V.from_pretrained(tmp_path)
+    assert vae_encoder_fingerprint(after) == vae_encoder_fingerprint(before)
+    assert not torch.equal(after.decoder.conv_out.conv.weight, before.decoder.conv_out.conv.weight)
+    assert after.config.latents_mean == before.config.latents_mean
+    assert after.config.latents_std == before.config.latents_std
+
+
 def test_vae_config_choices_and_initial_logvar():
     from nanoi2v_diffusers.training.train_vae import VAETrainingConfig, build_vae
 
@@ -92,6 +107,8 @@ def test_vae_config_choices_and_initial_logvar():
         VAETrainingConfig(reconstruction_loss="l3")
     with pytest.raises(ValueError, match="vae_preset must be one of"):
         VAETrainingConfig(vae_preset="huge")
+    with pytest.raises(ValueError, match="train_decoder_only needs pretrained_vae"):
+        VAETrainingConfig(train_decoder_only=True)
     vae = build_vae(VAETrainingConfig(vae_preset="tiny", initial_posterior_logvar=-6.0))
     with torch.no_grad():
         posterior = vae.encode(torch.zeros(1, 3, 1, 8, 8)).latent_dist

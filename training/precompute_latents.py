@@ -19,7 +19,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from nanoi2v_diffusers.data import collate_videos
-from nanoi2v_diffusers.data.latent_cache import LatentCacheInfo, encode_clips, model_fingerprint, write_latent_cache
+from nanoi2v_diffusers.data.latent_cache import (
+    LatentCacheInfo,
+    encode_clips,
+    model_fingerprint,
+    vae_encoder_fingerprint,
+    write_latent_cache,
+)
 from nanoi2v_diffusers.training.common import build_dataset, parse_config
 from nanoi2v_diffusers.text_encoders import load_text_encoder
 from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig, latent_shape, load_vae
@@ -57,7 +63,7 @@ def precompute(config: DiTTrainingConfig, device: Optional[Union[str, torch.devi
         latent_shape=latent_shape(vae, config),
         text_shape=(config.max_sequence_length, text_encoder.config.hidden_size),
         num_clips=0,  # set when written
-        vae_fingerprint=model_fingerprint(vae),
+        vae_encoder_fingerprint=vae_encoder_fingerprint(vae),
         text_encoder_fingerprint=model_fingerprint(text_encoder),
         dtype=config.cache_dtype,
         source=_describe_source(config),

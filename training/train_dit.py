@@ -57,6 +57,7 @@ from nanoi2v_diffusers.data.latent_cache import (
     load_latent_cache,
     model_fingerprint,
     sample_latents,
+    vae_encoder_fingerprint,
 )
 from nanoi2v_diffusers.models import VAE_PRESETS, AutoencoderKLNanoI2V
 from nanoi2v_diffusers.models.transformer_nanoi2v import TRANSFORMER_PRESETS, NanoI2VTransformer3DModel
@@ -357,7 +358,7 @@ class DiTTrainer:
             save_config(config, self.output_dir)
 
         self.vae = load_vae(config)
-        self.vae_fingerprint = model_fingerprint(self.vae)
+        self.vae_encoder_fingerprint = vae_encoder_fingerprint(self.vae)
         _move(self.vae, accelerator.device, self.weight_dtype)
         self.text_encoder, self.tokenizer = load_text_encoder(config.text_encoder)
         _move(self.text_encoder, accelerator.device, self.weight_dtype)
@@ -404,7 +405,7 @@ class DiTTrainer:
         if config.cache_dir:
             table, info = load_latent_cache(config.cache_dir, rank, world_size)
             info.check_matches(latent_shape=latent_shape(self.vae, config), text_shape=self._text_shape(),
-                               vae_fingerprint=self.vae_fingerprint,
+                               vae_encoder_fingerprint=self.vae_encoder_fingerprint,
                                text_encoder_fingerprint=model_fingerprint(self.text_encoder))  # fmt: skip
             loader = build_resumable_dataloader(table, config, self.global_step, config.seed, collate_cache_rows)
             return iter(loader)

@@ -65,6 +65,9 @@ class VAETrainingConfig(TrainingConfig):
     output_dir: str = "outputs/vae"
     vae_preset: str = "shapes-64"  # a key of nanoi2v_diffusers.models.VAE_PRESETS
     pretrained_vae: Optional[str] = None  # start from a saved VAE instead of the preset
+    # Freeze the encoder and train the decoder only: the latents, their `latents_mean` / `latents_std`,
+    # and so a DiT or latent cache made with `pretrained_vae`, stay valid. Needs pretrained_vae.
+    train_decoder_only: bool = False
     reconstruction_loss: str = "l1"  # "l1" or "mse"
     kl_weight: float = 1e-6
     sample_posterior: bool = True
@@ -85,6 +88,8 @@ class VAETrainingConfig(TrainingConfig):
         super().__post_init__()
         if self.pretrained_vae is None and self.vae_preset not in VAE_PRESETS:
             raise ValueError(f"vae_preset must be one of {sorted(VAE_PRESETS)}; got {self.vae_preset!r}.")
+        if self.train_decoder_only and not self.pretrained_vae:
+            raise ValueError("train_decoder_only needs pretrained_vae: the frozen encoder must come from a trained VAE.")
         if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(
                 f"reconstruction_loss must be one of {sorted(RECONSTRUCTION_LOSSES)}; got {self.reconstruction_loss!r}."
@@ -96,13 +101,17 @@ class VAETrainingConfig(TrainingConfig):
 class VAEWithPosterior(nn.Module):
     """Runs encode -> sample -> decode in one `forward`, so that DDP and autocast wrap the whole step."""
 
-    def __init__(self, vae: AutoencoderKLNanoI2V, sample_posterior: bool) -> None:
+    def __init__(self, vae: AutoencoderKLNanoI2V, sample_posterior: bool, train_encoder: bool = True) -> None:
         super().__init__()
-        self.vae = vae
+        self.vae = vae.requires_grad_(True)
+        self.vae.encoder.requires_grad_(train_encoder)
         self.sample_posterior = sample_posterior
+        self.train_encoder = train_encoder
 
     def forward(self, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.vae.encode(pixels).latent_dist
+        # A frozen encoder keeps no activations for backward.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_encoder):
+            posterior = self.vae.encode(pixels).latent_dist
         latents = posterior.sample() if self.sample_posterior and self.training else posterior.mode()
         reconstruction = self.vae.decode(latents).sample
         # KL to N(0, I) per latent element; diffusers' kl() sums over dims 1-3 only, so sum and divide.
@@ -205,9 +214,9 @@ class VAETrainer:
         vae = build_vae(config)
         if config.gradient_checkpointing:
             vae.enable_gradient_checkpointing()
-        self.model = VAEWithPosterior(vae, config.sample_posterior)
+        self.model = VAEWithPosterior(vae, config.sample_posterior, train_encoder=not config.train_decoder_only)
         self.optimizer = torch.optim.AdamW(
-            vae.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            [p for p in vae.parameters() if p.requires_grad], lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.adam_weight_decay,
         )  # fmt: skip
         num_processes = self.accelerator.num_processes
@@ -350,12 +359,13 @@ class VAETrainer:
         summary = {"train_seconds": round(train_seconds, 1), "steps": self.global_step}
         if accelerator.is_main_process:
             vae = self.vae
-            # Statistics at the validation length, the clip length the latents will be used at: latent
-            # frames beyond the training length are out of distribution and come out larger.
-            stats_config = dataclasses.replace(self.config, num_frames=self.config.eval_num_frames)
-            stats_loader = build_dataloader(build_dataset(stats_config, "train"), stats_config, shuffle=True)
-            mean, std = measure_latent_stats(vae, stats_loader, self.config.num_latent_stat_batches)
-            vae.register_to_config(latents_mean=mean, latents_std=std)
+            if not self.config.train_decoder_only:  # a frozen encoder keeps the pretrained VAE's statistics
+                # Statistics at the validation length, the clip length the latents will be used at: latent
+                # frames beyond the training length are out of distribution and come out larger.
+                stats_config = dataclasses.replace(self.config, num_frames=self.config.eval_num_frames)
+                stats_loader = build_dataloader(build_dataset(stats_config, "train"), stats_config, shuffle=True)
+                mean, std = measure_latent_stats(vae, stats_loader, self.config.num_latent_stat_batches)
+                vae.register_to_config(latents_mean=mean, latents_std=std)
             vae.save_pretrained(self.output_dir)
             if self.last_metrics.get("step") != self.global_step:  # e.g. resumed at max_train_steps
                 self._validate()

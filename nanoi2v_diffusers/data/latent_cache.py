@@ -37,7 +37,8 @@ from datasets.distributed import split_dataset_by_node
 from nanoi2v_diffusers.text_encoders import encode_text
 
 CACHE_INFO_FILE = "nanoi2v_cache.json"
-CACHE_FORMAT_VERSION = 1
+# 2: the VAE is identified by its encoder only (`vae_encoder_fingerprint`).
+CACHE_FORMAT_VERSION = 2
 FLOAT_COLUMNS = ("posterior_mean", "posterior_std", "prompt_embeds")
 TENSOR_COLUMNS = (*FLOAT_COLUMNS, "prompt_attention_mask")
 CAPTION_COLUMN = "caption"
@@ -56,7 +57,7 @@ class LatentCacheInfo:
     latent_shape: Tuple[int, int, int, int]  # (C, T, h, w) of one clip's posterior
     text_shape: Tuple[int, int]  # (max_sequence_length, text_dim)
     num_clips: int
-    vae_fingerprint: str  # `model_fingerprint` of the VAE that encoded the clips
+    vae_encoder_fingerprint: str  # `vae_encoder_fingerprint` of the VAE that encoded the clips
     text_encoder_fingerprint: str  # and of the text encoder
     dtype: str = "float32"
     source: str = ""  # a description of the data (dataset name, folder, resolution, frames)
@@ -76,6 +77,11 @@ class LatentCacheInfo:
                 "training/precompute_latents.py."
             )
         values = json.loads(path.read_text(encoding="utf-8"))
+        if values.get("format_version", 1) != CACHE_FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has cache format {values.get('format_version', 1)}, this version reads format "
+                f"{CACHE_FORMAT_VERSION}; re-run training/precompute_latents.py."
+            )
         known = {field.name for field in dataclasses.fields(cls)}
         missing = sorted(known - set(values) - {"dtype", "source", "format_version"})
         if missing:
@@ -84,13 +90,13 @@ class LatentCacheInfo:
         values["latent_shape"], values["text_shape"] = tuple(values["latent_shape"]), tuple(values["text_shape"])
         return cls(**values)
 
-    def check_matches(self, *, latent_shape: Tuple[int, ...], text_shape: Tuple[int, int], vae_fingerprint: str,
+    def check_matches(self, *, latent_shape: Tuple[int, ...], text_shape: Tuple[int, int], vae_encoder_fingerprint: str,
                       text_encoder_fingerprint: str) -> None:  # fmt: skip
         """Raise ValueError naming the first setting where the cache and the training run disagree."""
         expected = {
             "latent_shape": tuple(latent_shape),
             "text_shape": tuple(text_shape),
-            "vae_fingerprint": vae_fingerprint,
+            "vae_encoder_fingerprint": vae_encoder_fingerprint,
             "text_encoder_fingerprint": text_encoder_fingerprint,
         }
         for key, value in expected.items():
@@ -109,6 +115,12 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def vae_encoder_fingerprint(vae: torch.nn.Module) -> str:
+    """`model_fingerprint` of a VAE's encoder, the only part that made the cached posteriors: a cache stays
+    valid for a VAE whose decoder was fine-tuned (`train_vae.py` with `train_decoder_only`)."""
+    return model_fingerprint(vae.encoder)
 
 
 @torch.no_grad()
@@ -232,5 +244,6 @@ __all__ = [
     "load_latent_cache",
     "model_fingerprint",
     "sample_latents",
+    "vae_encoder_fingerprint",
     "write_latent_cache",
 ]
