@@ -119,16 +119,40 @@ def test_vae_config_choices_and_initial_logvar():
 
 
 def test_built_in_recipe_chains_its_stages():
-    """make train-demo runs the image stage, the clip stage, then the DiT: each starts from the last one's output."""
+    """make train-demo runs three VAE stages, then the DiT twice: each starts from the last one's output."""
     from nanoi2v_diffusers.training.common import parse_config
     from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig
     from nanoi2v_diffusers.training.train_vae import VAETrainingConfig
 
     configs = ROOT / "training" / "configs"
-    images = parse_config(VAETrainingConfig, ["--config", str(configs / "vae_shapes_64_images.yaml")])
-    clips = parse_config(VAETrainingConfig, ["--config", str(configs / "vae_shapes_64.yaml")])
-    dit = parse_config(DiTTrainingConfig, ["--config", str(configs / "shapes_64.yaml")])
+    images, clips, decoder = (
+        parse_config(VAETrainingConfig, ["--config", str(configs / name)])
+        for name in ("vae_shapes_64_images.yaml", "vae_shapes_64.yaml", "vae_shapes_64_decoder.yaml")
+    )
+    dit, dit_continued = (
+        parse_config(DiTTrainingConfig, ["--config", str(configs / name)])
+        for name in ("shapes_64.yaml", "shapes_64_continue.yaml")
+    )
     assert images.num_frames == 1 and images.pretrained_vae is None
     assert clips.pretrained_vae == images.output_dir and clips.num_frames == dit.num_frames == 17
-    assert dit.pretrained_vae == clips.output_dir
-    assert images.resolution == clips.resolution == dit.resolution == 64
+    assert decoder.pretrained_vae == clips.output_dir and decoder.train_decoder_only
+    # The DiT's stages may use stage 2 or 3 of the VAE: they share the encoder, so the same latents.
+    assert dit.pretrained_vae in (clips.output_dir, decoder.output_dir)
+    assert dit_continued.pretrained_vae == decoder.output_dir
+    assert dit_continued.pretrained_transformer == str(Path(dit.output_dir) / "transformer")
+    assert dit_continued.max_train_samples >= dit.max_train_samples
+    assert images.resolution == clips.resolution == decoder.resolution == dit.resolution == dit_continued.resolution
+
+
+def test_demo_retrains_with_the_recipe_and_finds_its_output(monkeypatch):
+    from nanoi2v_diffusers.training.common import parse_config
+    from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import demo
+
+    scripts_and_configs = [(step[0], step[-1]) for step in demo.TRAINING_STEPS]
+    assert all((ROOT / script).is_file() and (ROOT / config).is_file() for script, config in scripts_and_configs)
+    last_script, last_config = scripts_and_configs[-1]
+    assert last_script == "training/train_dit.py"
+    assert ROOT / parse_config(DiTTrainingConfig, ["--config", str(ROOT / last_config)]).output_dir == demo.TRAINED_MODEL

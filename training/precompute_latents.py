@@ -79,8 +79,10 @@ def precompute(config: DiTTrainingConfig, device: Optional[Union[str, torch.devi
 
 
 def _describe_source(config: DiTTrainingConfig) -> str:
-    data = "shapes" if config.dataset == "shapes" else f"video_folder {config.train_data_dir}"
-    return f"{data}, {config.resolution}x{config.resolution}, {config.num_frames} frames, seed {config.seed}"
+    size = f"{config.resolution}x{config.resolution}, {config.num_frames} frames"
+    if config.dataset == "shapes":  # the clips' seeds are fixed by the split, not by config.seed
+        return f"shapes train clips 0-{config.max_train_samples - 1}, {size}"
+    return f"video_folder {config.train_data_dir}, {size}, flips drawn with seed {config.seed}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Path:
