@@ -28,7 +28,9 @@ def load_matching_vae(path: Path, pipe: NanoI2VPipeline) -> AutoencoderKLNanoI2V
     vae = AutoencoderKLNanoI2V.from_pretrained(path)
     for key in ("latents_mean", "latents_std"):
         if vae.config[key] != pipe.vae.config[key]:
-            raise ValueError(f"{path} has other {key} than the pipeline's VAE: the transformer would see other latents.")
+            raise ValueError(
+                f"{path} has other {key} than the pipeline's VAE: the transformer would see other latents."
+            )
     if vae_encoder_fingerprint(vae) != vae_encoder_fingerprint(pipe.vae):
         raise ValueError(
             f"{path} has another encoder than the pipeline's VAE: only a decoder fine-tune "

@@ -155,4 +155,5 @@ def test_demo_retrains_with_the_recipe_and_finds_its_output(monkeypatch):
     assert all((ROOT / script).is_file() and (ROOT / config).is_file() for script, config in scripts_and_configs)
     last_script, last_config = scripts_and_configs[-1]
     assert last_script == "training/train_dit.py"
-    assert ROOT / parse_config(DiTTrainingConfig, ["--config", str(ROOT / last_config)]).output_dir == demo.TRAINED_MODEL
+    last_run = parse_config(DiTTrainingConfig, ["--config", str(ROOT / last_config)])
+    assert ROOT / last_run.output_dir == demo.TRAINED_MODEL

@@ -14,6 +14,8 @@ reaches 28 dB in 300 steps with MSE). Checkpoints (`accelerator.save_state`) eve
 `validation_steps`, PSNR / SSIM on fixed validation clips and original | reconstruction videos in
 `output_dir/samples`. At the end, per-channel `latents_mean` / `latents_std` are measured on
 training clips, written into the config, and the VAE is saved with `save_pretrained(output_dir)`.
+With `train_decoder_only` the encoder of `pretrained_vae` is frozen and its statistics are kept, so the
+latents do not change: a DiT or latent cache made with the earlier VAE stays valid.
 """
 
 import dataclasses
@@ -89,7 +91,7 @@ class VAETrainingConfig(TrainingConfig):
         if self.pretrained_vae is None and self.vae_preset not in VAE_PRESETS:
             raise ValueError(f"vae_preset must be one of {sorted(VAE_PRESETS)}; got {self.vae_preset!r}.")
         if self.train_decoder_only and not self.pretrained_vae:
-            raise ValueError("train_decoder_only needs pretrained_vae: the frozen encoder must come from a trained VAE.")
+            raise ValueError("train_decoder_only needs pretrained_vae: the frozen encoder comes from a trained VAE.")
         if self.reconstruction_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(
                 f"reconstruction_loss must be one of {sorted(RECONSTRUCTION_LOSSES)}; got {self.reconstruction_loss!r}."
@@ -216,8 +218,8 @@ class VAETrainer:
             vae.enable_gradient_checkpointing()
         self.model = VAEWithPosterior(vae, config.sample_posterior, train_encoder=not config.train_decoder_only)
         self.optimizer = torch.optim.AdamW(
-            [p for p in vae.parameters() if p.requires_grad], lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay,
+            [param for param in vae.parameters() if param.requires_grad], lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
         )  # fmt: skip
         num_processes = self.accelerator.num_processes
         self.lr_scheduler = get_scheduler(
