@@ -50,6 +50,11 @@ def ship(source: Path, target: Path, vae: Optional[Path] = None) -> int:
     for name in KEPT_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)
+    card = target / "README.md"
+    if vae is not None and card.is_file():  # the card's training config names the VAE the DiT was trained with
+        with card.open("a", encoding="utf-8") as handle:
+            handle.write(f"\nThe VAE in this folder is `{vae.as_posix()}`, a fine-tune of the training config's "
+                         "`pretrained_vae` with the same encoder (so the same latents) and a retrained decoder.\n")
     if (source / "samples").is_dir():
         shutil.copytree(source / "samples", target / "samples")
     return sum(path.stat().st_size for path in target.rglob("*.safetensors"))

@@ -407,7 +407,9 @@ class TestNanoI2VPipeline:
         with torch.no_grad():
             vae.decoder.conv_out.conv.bias.add_(0.25)
         vae.save_pretrained(tmp_path / "decoder_tuned")
+        (tmp_path / "trained" / "README.md").write_text("model card\n")
         ship(tmp_path / "trained", tmp_path / "shipped", vae=tmp_path / "decoder_tuned")
+        assert "decoder_tuned" in (tmp_path / "shipped" / "README.md").read_text()
         shipped = NanoI2VPipeline.from_pretrained(tmp_path / "shipped").vae
         torch.testing.assert_close(shipped.decoder.conv_out.conv.bias, vae.decoder.conv_out.conv.bias.half().float())
         with torch.no_grad():
