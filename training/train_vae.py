@@ -2,6 +2,7 @@
 
     accelerate launch training/train_vae.py --config training/configs/vae_shapes_64_images.yaml  # first frames
     accelerate launch training/train_vae.py --config training/configs/vae_shapes_64.yaml  # then clips
+    accelerate launch training/train_vae.py --config training/configs/vae_shapes_64_decoder.yaml  # then decoder
     python training/train_vae.py --config training/configs/vae_tiny.yaml --max_train_steps 20
 
 Loss: reconstruction (L1, or MSE with `reconstruction_loss: mse`) + `kl_weight` * KL (per latent
