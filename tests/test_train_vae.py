@@ -62,6 +62,7 @@ def test_training_writes_checkpoints_samples_and_metrics(trained_run):
     assert (trained_run / "training_config.yaml").is_file()
     summary = read_log(trained_run)[-1]["summary"]
     assert summary["steps"] == 12 and summary["val_psnr"] > 0 and -1 <= summary["val_ssim"] <= 1
+    assert summary["val_psnr_first_frame"] > 0
 
 
 @pytest.mark.slow
@@ -100,6 +101,20 @@ def test_decoder_only_training_keeps_the_encoder_and_latent_stats(trained_run, t
     assert after.config.latents_std == before.config.latents_std
 
 
+@pytest.mark.parametrize("kind", ["l1", "mse"])
+def test_reconstruction_loss_weights_the_first_frame(kind):
+    from nanoi2v_diffusers.training.train_vae import RECONSTRUCTION_LOSSES, reconstruction_loss
+
+    target = torch.randn(2, 3, 5, 4, 4)
+    noisy = target + torch.randn(target.shape)
+    assert reconstruction_loss(noisy, target, kind) == pytest.approx(RECONSTRUCTION_LOSSES[kind](noisy, target).item())
+    frame_0_wrong = target.clone()
+    frame_0_wrong[:, :, 0] += 1.0  # per-pixel error 1 in frame 0 only, under both losses
+    # Frame 0 counts 3 times among 5 frames: 3 * 1 / (3 + 4).
+    assert reconstruction_loss(frame_0_wrong, target, kind, first_frame_weight=3.0).item() == pytest.approx(3 / 7)
+    assert reconstruction_loss(frame_0_wrong, target, kind).item() == pytest.approx(1 / 5)
+
+
 def test_vae_config_choices_and_initial_logvar():
     from nanoi2v_diffusers.training.train_vae import VAETrainingConfig, build_vae
 
@@ -109,6 +124,8 @@ def test_vae_config_choices_and_initial_logvar():
         VAETrainingConfig(vae_preset="huge")
     with pytest.raises(ValueError, match="train_decoder_only needs pretrained_vae"):
         VAETrainingConfig(train_decoder_only=True)
+    with pytest.raises(ValueError, match="first_frame_loss_weight must be > 0; got 0"):
+        VAETrainingConfig(first_frame_loss_weight=0.0)
     vae = build_vae(VAETrainingConfig(vae_preset="tiny", initial_posterior_logvar=-6.0))
     with torch.no_grad():
         posterior = vae.encode(torch.zeros(1, 3, 1, 8, 8)).latent_dist
@@ -118,39 +135,51 @@ def test_vae_config_choices_and_initial_logvar():
     assert posterior.mean.abs().mean().item() < 1.0
 
 
-def test_built_in_recipe_chains_its_stages():
-    """make train-demo runs three VAE stages, then the DiT twice: each starts from the last one's output."""
+def _recipe_stages(monkeypatch):
+    """The configs of `make train-demo` (examples/demo.py TRAINING_STEPS), by script, in order."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    import demo
+
+    stages = {}
+    for script, *_, config in demo.TRAINING_STEPS:
+        stages.setdefault(Path(script).name, []).append(config)
+    return demo, stages
+
+
+def test_built_in_recipe_chains_its_stages(monkeypatch):
+    """make train-demo runs the VAE stages, then the DiT stages: each starts from the last one's output."""
     from nanoi2v_diffusers.training.common import parse_config
     from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig
     from nanoi2v_diffusers.training.train_vae import VAETrainingConfig
 
-    configs = ROOT / "training" / "configs"
-    images, clips, decoder = (
-        parse_config(VAETrainingConfig, ["--config", str(configs / name)])
-        for name in ("vae_shapes_64_images.yaml", "vae_shapes_64.yaml", "vae_shapes_64_decoder.yaml")
-    )
-    dit, dit_continued = (
-        parse_config(DiTTrainingConfig, ["--config", str(configs / name)])
-        for name in ("shapes_64.yaml", "shapes_64_continue.yaml")
-    )
+    _, stages = _recipe_stages(monkeypatch)
+    vaes = [parse_config(VAETrainingConfig, ["--config", str(ROOT / name)]) for name in stages["train_vae.py"]]
+    dits = [parse_config(DiTTrainingConfig, ["--config", str(ROOT / name)]) for name in stages["train_dit.py"]]
+    # Every DiT stage trains on a latent cache written just before it by the same config.
+    assert stages["precompute_latents.py"] == stages["train_dit.py"]
+    assert len(vaes) >= 2 and len(dits) >= 2
+
+    images, clips, *decoders = vaes
     assert images.num_frames == 1 and images.pretrained_vae is None
-    assert clips.pretrained_vae == images.output_dir and clips.num_frames == dit.num_frames == 17
-    assert decoder.pretrained_vae == clips.output_dir and decoder.train_decoder_only
-    # The DiT's stages may use stage 2 or 3 of the VAE: they share the encoder, so the same latents.
-    assert dit.pretrained_vae in (clips.output_dir, decoder.output_dir)
-    assert dit_continued.pretrained_vae == decoder.output_dir
-    assert dit_continued.pretrained_transformer == str(Path(dit.output_dir) / "transformer")
-    assert dit_continued.max_train_samples >= dit.max_train_samples
-    assert images.resolution == clips.resolution == decoder.resolution == dit.resolution == dit_continued.resolution
+    assert clips.pretrained_vae == images.output_dir and clips.num_frames == dits[0].num_frames == 17
+    for before, after in zip([clips, *decoders], decoders):
+        assert after.pretrained_vae == before.output_dir and after.train_decoder_only
+    # Decoder-only stages keep the encoder, so every DiT stage may use any VAE from stage 2 on.
+    assert all(dit.pretrained_vae in {vae.output_dir for vae in vaes[1:]} for dit in dits)
+    assert dits[-1].pretrained_vae == vaes[-1].output_dir  # the trained pipeline gets the last decoder
+    assert dits[0].pretrained_transformer is None
+    for before, after in zip(dits, dits[1:]):
+        assert after.pretrained_transformer == str(Path(before.output_dir) / "transformer")
+        assert after.max_train_samples >= before.max_train_samples
+        assert after.cache_dir != before.cache_dir  # each stage stays reproducible on its own
+    assert len({config.resolution for config in [*vaes, *dits]}) == 1
 
 
 def test_demo_retrains_with_the_recipe_and_finds_its_output(monkeypatch):
     from nanoi2v_diffusers.training.common import parse_config
     from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig
 
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    import demo
-
+    demo, _ = _recipe_stages(monkeypatch)
     scripts_and_configs = [(step[0], step[-1]) for step in demo.TRAINING_STEPS]
     assert all((ROOT / script).is_file() and (ROOT / config).is_file() for script, config in scripts_and_configs)
     last_script, last_config = scripts_and_configs[-1]

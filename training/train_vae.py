@@ -5,8 +5,8 @@
     accelerate launch training/train_vae.py --config training/configs/vae_shapes_64_decoder.yaml  # then decoder
     python training/train_vae.py --config training/configs/vae_tiny.yaml --max_train_steps 20
 
-Loss: reconstruction (L1, or MSE with `reconstruction_loss: mse`) + `kl_weight` * KL (per latent
-element), plus, from `gan_start_step` on and when `gan_weight > 0`, a hinge loss from a 3D patch
+Loss: reconstruction (L1, or MSE with `reconstruction_loss: mse`; frame 0, the image an I2V pipeline
+starts from, weighted `first_frame_loss_weight`) + `kl_weight` * KL (per latent element), plus, from `gan_start_step` on and when `gan_weight > 0`, a hinge loss from a 3D patch
 discriminator (weight fixed, or adaptive as in VQGAN). On mostly-black synthetic clips use MSE: L1's
 gradient has the same size at every pixel, so the black background (about 90% of the pixels) keeps
 the model on a "predict black" plateau (measured: a 2-clip overfit stays at 14 dB with L1 and
@@ -72,6 +72,9 @@ class VAETrainingConfig(TrainingConfig):
     # and so a DiT or latent cache made with `pretrained_vae`, stay valid. Needs pretrained_vae.
     train_decoder_only: bool = False
     reconstruction_loss: str = "l1"  # "l1" or "mse"
+    # Frame 0 is the image an image-to-video pipeline starts from and shows as is (its latent is the
+    # image's): its reconstruction loss counts this many times that of any other frame.
+    first_frame_loss_weight: float = 1.0
     kl_weight: float = 1e-6
     sample_posterior: bool = True
     # Start the posterior nearly deterministic (log-variance bias of the encoder's last conv), so that
@@ -97,8 +100,20 @@ class VAETrainingConfig(TrainingConfig):
             raise ValueError(
                 f"reconstruction_loss must be one of {sorted(RECONSTRUCTION_LOSSES)}; got {self.reconstruction_loss!r}."
             )
+        if not self.first_frame_loss_weight > 0:
+            raise ValueError(f"first_frame_loss_weight must be > 0; got {self.first_frame_loss_weight}.")
         if self.sample_format not in ("mp4", "gif"):
             raise ValueError(f"sample_format must be 'mp4' or 'gif'; got {self.sample_format!r}.")
+
+
+def reconstruction_loss(
+    reconstruction: torch.Tensor, target: torch.Tensor, kind: str, first_frame_weight: float = 1.0
+) -> torch.Tensor:
+    """Mean `kind` loss over the pixels of `(B, C, T, H, W)` videos, frame 0 weighted `first_frame_weight`."""
+    per_frame = RECONSTRUCTION_LOSSES[kind](reconstruction, target, reduction="none").mean(dim=(0, 1, 3, 4))  # (T,)
+    weights = torch.ones_like(per_frame)
+    weights[0] = first_frame_weight
+    return (per_frame * weights).sum() / weights.sum()
 
 
 class VAEWithPosterior(nn.Module):
@@ -178,6 +193,8 @@ def evaluate(vae: AutoencoderKLNanoI2V, videos: torch.Tensor, batch_size: int) -
     vae.train(was_training)
     target, output = (videos + 1) / 2, (reconstructions + 1) / 2
     metrics = {"val_psnr": psnr(output, target).mean().item(), "val_ssim": ssim(output, target).mean().item()}
+    if videos.shape[2] > 1:  # frame 0 alone: what an image-to-video pipeline's first frame gets
+        metrics["val_psnr_first_frame"] = psnr(output[:, :, :1], target[:, :, :1]).mean().item()
     return metrics, reconstructions
 
 
@@ -267,7 +284,9 @@ class VAETrainer:
         config = self.config
         with self.accelerator.accumulate(self.model):
             reconstruction, kl = self.model(pixels)
-            rec_loss = RECONSTRUCTION_LOSSES[config.reconstruction_loss](reconstruction.float(), pixels.float())
+            rec_loss = reconstruction_loss(
+                reconstruction.float(), pixels.float(), config.reconstruction_loss, config.first_frame_loss_weight
+            )
             loss = rec_loss + config.kl_weight * kl
             logs = {"rec_loss": rec_loss.item(), "kl": kl.item()}
             if self._gan_active():
