@@ -3,14 +3,16 @@
     accelerate launch training/train_vae.py --config training/configs/vae_shapes_64_images.yaml  # first frames
     accelerate launch training/train_vae.py --config training/configs/vae_shapes_64.yaml  # then clips
     accelerate launch training/train_vae.py --config training/configs/vae_shapes_64_decoder.yaml  # then decoder
+    accelerate launch training/train_vae.py --config training/configs/vae_shapes_64_first_frame.yaml  # frame 0
     python training/train_vae.py --config training/configs/vae_tiny.yaml --max_train_steps 20
 
 Loss: reconstruction (L1, or MSE with `reconstruction_loss: mse`; frame 0, the image an I2V pipeline
-starts from, weighted `first_frame_loss_weight`) + `kl_weight` * KL (per latent element), plus, from `gan_start_step` on and when `gan_weight > 0`, a hinge loss from a 3D patch
-discriminator (weight fixed, or adaptive as in VQGAN). On mostly-black synthetic clips use MSE: L1's
-gradient has the same size at every pixel, so the black background (about 90% of the pixels) keeps
-the model on a "predict black" plateau (measured: a 2-clip overfit stays at 14 dB with L1 and
-reaches 28 dB in 300 steps with MSE). Checkpoints (`accelerator.save_state`) every `checkpointing_steps`, rotated by
+starts from, weighted `first_frame_loss_weight`) + `kl_weight` * KL (per latent element), plus, from
+`gan_start_step` on and when `gan_weight > 0`, a hinge loss from a 3D patch discriminator (weight
+fixed, or adaptive as in VQGAN). On mostly-black synthetic clips use MSE: L1's gradient has the same
+size at every pixel, so the black background (about 90% of the pixels) keeps the model on a "predict
+black" plateau (measured: a 2-clip overfit stays at 14 dB with L1 and reaches 28 dB in 300 steps with
+MSE). Checkpoints (`accelerator.save_state`) every `checkpointing_steps`, rotated by
 `checkpoints_total_limit`, resumable with `--resume_from_checkpoint latest`. Every
 `validation_steps`, PSNR / SSIM on fixed validation clips and original | reconstruction videos in
 `output_dir/samples`. At the end, per-channel `latents_mean` / `latents_std` are measured on
