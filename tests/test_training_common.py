@@ -53,6 +53,25 @@ def test_unknown_yaml_key_raises_with_a_suggestion(tmp_path):
         parse_config(ExampleConfig, ["--config", write_yaml(tmp_path, "learning_rat: 0.1\n")])
 
 
+def test_yaml_base_file_is_read_first_and_overridden(tmp_path):
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "first.yaml").write_text("learning_rate: 1e-3\nmax_train_steps: 7\nwidths: [4, 4]\n")
+    (tmp_path / "stages" / "second.yaml").write_text("base: ../first.yaml\nmax_train_steps: 9\n")  # relative to itself
+    (tmp_path / "stages" / "third.yaml").write_text("base: second.yaml\nwidths: [2]\n")
+    config = parse_config(ExampleConfig, ["--config", str(tmp_path / "stages" / "third.yaml"), "--learning_rate", "0.5"])
+    assert (config.learning_rate, config.max_train_steps, config.widths) == (0.5, 9, (2,))
+
+
+def test_yaml_base_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="`base` files form a cycle"):
+        parse_config(ExampleConfig, ["--config", str(tmp_path / "a.yaml")])
+    (tmp_path / "b.yaml").write_text("learning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="b.yaml: unknown setting 'learning_rat'"):
+        parse_config(ExampleConfig, ["--config", str(tmp_path / "a.yaml")])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

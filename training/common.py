@@ -3,7 +3,7 @@
 A script declares its settings as a dataclass that extends `TrainingConfig`; `parse_config` then
 gives it `--config file.yaml` (any field) plus one command-line flag per field, named as the
 field (diffusers' names: `--output_dir`, `--max_train_steps`, `--learning_rate`, ...). Precedence:
-field defaults < YAML file < command-line flags.
+field defaults < the YAML file's `base` file, if any < YAML file < command-line flags.
 """
 
 import argparse
@@ -164,18 +164,31 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, hint: Any, help_
 
 
 def read_yaml_config(path: Union[str, os.PathLike], config_cls: Type[ConfigT]) -> Dict[str, Any]:
-    """Field values from a YAML mapping; unknown keys raise (typos would otherwise be silently ignored)."""
+    """Field values from a YAML mapping; unknown keys raise (typos would otherwise be silently ignored).
+
+    A `base: other.yaml` key (a path relative to this file) reads that file first and lets this one
+    override it, so that a run that continues another states only what it changes.
+    """
+    return _read_yaml_chain(Path(path), config_cls, seen=())
+
+
+def _read_yaml_chain(path: Path, config_cls: Type[ConfigT], seen: Sequence[Path]) -> Dict[str, Any]:
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ValueError(f"{path}: `base` files form a cycle: {chain}")
     with open(path, encoding="utf-8") as handle:
         values = yaml.safe_load(handle) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of field names to values.")
+    base = values.pop("base", None)
     hints = typing.get_type_hints(config_cls)
     for key in values:
         if key not in hints:
             close = difflib.get_close_matches(key, list(hints), n=1)
             suggestion = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"{path}: unknown setting {key!r} for {config_cls.__name__}.{suggestion}")
-    return {key: _coerce(key, value, hints[key]) for key, value in values.items()}
+    inherited = _read_yaml_chain(path.parent / base, config_cls, (*seen, path.resolve())) if base else {}
+    return {**inherited, **{key: _coerce(key, value, hints[key]) for key, value in values.items()}}
 
 
 def parse_config(config_cls: Type[ConfigT], argv: Optional[Sequence[str]] = None) -> ConfigT:
