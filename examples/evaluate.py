@@ -1,7 +1,7 @@
 """Score a trained shapes pipeline on fresh validation scenes, next to the static baseline.
 
     python examples/evaluate.py --model examples/nanoi2v-shapes-64 --n 64 --steps 20 \
-        [--guidance 5] [--seed 0] [--heun] [--batch-size 8] [--out outputs/eval.json]
+        [--guidance 5] [--seed 0] [--heun] [--shift 3] [--batch-size 8] [--out outputs/eval.json]
 
 Prints a markdown table (model vs the "repeat the first frame" baseline, with the project's
 targets) and writes every number, with the settings that produced it, to the JSON file.
@@ -73,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=5.0, help="text guidance scale (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="picks the validation scenes and the noise")
     parser.add_argument("--heun", action="store_true", help="second-order Heun sampler instead of Euler")
+    parser.add_argument("--shift", type=float, default=None, help="timestep shift (default: the saved scheduler's)")
     parser.add_argument("--batch-size", type=int, default=8, help="videos per pipeline call")
     parser.add_argument("--no-text-swap", action="store_true", help="skip the second-caption videos (halves the time)")
     parser.add_argument("--out", default="outputs/eval.json")
@@ -81,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, heun=args.heun)
+    pipe = load_pipeline(args.model, heun=args.heun, shift=args.shift)
     results = evaluate_pipeline(
         pipe,
         num_scenes=args.n,
@@ -93,6 +94,7 @@ def main(argv=None) -> dict:
     )
     results["model_path"] = args.model
     results["settings"]["solver"] = "heun" if args.heun else "euler"
+    results["settings"]["shift"] = pipe.scheduler.config.shift
     print(format_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ text-to-video. A pipeline folder saved without a text encoder gets the built-in 
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -20,14 +21,20 @@ from nanoi2v_diffusers.text_encoders import load_minilm
 FPS = 8
 
 
-def load_pipeline(model: str, heun: bool = False) -> NanoI2VPipeline:
-    """Load a pipeline folder or Hub id; fill in the built-in text encoder when it was saved without one."""
+def load_pipeline(model: str, heun: bool = False, shift: Optional[float] = None) -> NanoI2VPipeline:
+    """Load a pipeline folder or Hub id; fill in the built-in text encoder when it was saved without one.
+
+    `heun` and `shift` replace the saved scheduler's solver and timestep shift; the rest of its config stays.
+    """
     pipe = NanoI2VPipeline.from_pretrained(model)
     if pipe.text_encoder is None:
         text_encoder, tokenizer = load_minilm()
         pipe.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
-    if heun:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, solver="heun")
+    overrides = {"solver": "heun"} if heun else {}
+    if shift is not None:
+        overrides["shift"] = shift
+    if overrides:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
     return pipe
 
 
@@ -48,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0, help="text guidance scale (1 = off)")
     parser.add_argument("--heun", action="store_true", help="second-order Heun sampler instead of Euler")
+    parser.add_argument("--shift", type=float, default=None, help="timestep shift (default: the saved scheduler's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=FPS)
     parser.add_argument("--out", default="outputs/generated.mp4", help=".mp4 or .gif")
@@ -56,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, heun=args.heun)
+    pipe = load_pipeline(args.model, heun=args.heun, shift=args.shift)
     image = Image.open(args.image).convert("RGB") if args.image else None
     video = pipe(
         image=image,

@@ -374,6 +374,16 @@ class TestNanoI2VPipeline:
         full.set_progress_bar_config(disable=True)
         assert full(**self.get_dummy_inputs()).frames.shape == (1, FRAMES, SIZE, SIZE, 3)
 
+    def test_example_loader_overrides_only_the_solver_and_shift(self, tmp_path, monkeypatch):
+        monkeypatch.syspath_prepend(str(EXAMPLES))
+        from generate import load_pipeline
+
+        self.get_pipe(scheduler=NanoI2VFlowMatchScheduler(shift=2.0, num_train_timesteps=500)).save_pretrained(tmp_path)
+        saved = load_pipeline(str(tmp_path)).scheduler.config
+        assert (saved.solver, saved.shift) == ("euler", 2.0)
+        changed = load_pipeline(str(tmp_path), heun=True, shift=3.0).scheduler.config
+        assert (changed.solver, changed.shift, changed.num_train_timesteps) == ("heun", 3.0, 500)
+
     def test_ship_model_writes_float16_that_loads_as_float32(self, tmp_path, monkeypatch):
         from safetensors import safe_open
 

@@ -30,6 +30,7 @@ from nanoi2v_diffusers.evaluation.shapes_metrics import (
     text_swap_score,
     track_objects,
 )
+from nanoi2v_diffusers.schedulers import NanoI2VFlowMatchScheduler
 
 CONFIG = ShapesConfig()  # the evaluation's setting: 64 x 64, 17 frames
 SEEDS = range(24)
@@ -252,15 +253,23 @@ def test_evaluate_pipeline_with_a_static_fake_matches_the_baseline():
 
 def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
     fake_generate = types.ModuleType("generate")
-    fake_generate.load_pipeline = lambda model, heun=False: FakePipeline(validation_clips(2))
+
+    def fake_load_pipeline(model, heun=False, shift=None):
+        pipe = FakePipeline(validation_clips(2))
+        pipe.scheduler = NanoI2VFlowMatchScheduler(shift=1.0 if shift is None else shift)
+        return pipe
+
+    fake_generate.load_pipeline = fake_load_pipeline
     monkeypatch.setitem(sys.modules, "generate", fake_generate)
     spec = importlib.util.spec_from_file_location("evaluate_script", EVALUATE_SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "eval.json"
-    script.main(["--model", "fake", "--n", "2", "--steps", "2", "--batch-size", "4", "--out", str(out)])
+    script.main(["--model", "fake", "--n", "2", "--steps", "2", "--batch-size", "4", "--shift", "2.5",
+                 "--out", str(out)])
     table = capsys.readouterr().out
     assert "| direction accuracy | 1.000 |" in table and "static baseline" in table
     written = json.loads(out.read_text())  # strict JSON: the perfect first frame's infinite PSNR is a string
     assert written["model"]["first_frame_psnr"] == "inf"
     assert written["settings"]["num_scenes"] == 2 and written["model_path"] == "fake"
+    assert written["settings"]["shift"] == 2.5  # the flag reached the loader and the record
