@@ -24,12 +24,12 @@ from nanoi2v_diffusers.evaluation.shapes_metrics import evaluate_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "examples" / "nanoi2v-shapes-64"
-TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage3"
+TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage4"
 DEMO_DIR = REPO / "outputs" / "demo"
 
 # The recipe of the built-in model, in order (README "Training"): the VAE on first frames, on clips, then
 # its decoder alone twice (the second time weighting frame 0); the DiT on 4000 cached clips, then
-# continued on 8000 and on 16000.
+# continued on 8000, 16000 and 32000.
 TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_images.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64.yaml"],
@@ -40,7 +40,9 @@ TRAINING_STEPS = (
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64_continue.yaml"],
     ["training/train_dit.py", "--config", "training/configs/shapes_64_continue.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64_stage3.yaml"],
-    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage3.yaml"],  # writes TRAINED_MODEL
+    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage3.yaml"],
+    ["training/precompute_latents.py", "--config", "training/configs/shapes_64_stage4.yaml"],
+    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage4.yaml"],  # writes TRAINED_MODEL
 )
 
 # Demo scenes: validation seeds (never trained on), and one image shown with two different motions.
@@ -64,7 +66,7 @@ def find_or_train_model(retrain: bool) -> Path:
         for home in (SHIPPED_MODEL, TRAINED_MODEL):
             if (home / "model_index.json").is_file():
                 return home
-    print("No trained model found: training the built-in shapes model (VAE in four stages, DiT in three)...")
+    print("No trained model found: training the built-in shapes model (VAE in four stages, DiT in four)...")
     for step in TRAINING_STEPS:
         subprocess.run([sys.executable, *step], cwd=REPO, check=True)
     return TRAINED_MODEL
