@@ -28,13 +28,14 @@ TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage4"
 DEMO_DIR = REPO / "outputs" / "demo"
 
 # The recipe of the built-in model, in order (README "Training"): the VAE on first frames, on clips, then
-# its decoder alone twice (the second time weighting frame 0); the DiT on 4000 cached clips, then
+# its decoder alone three times (from the second on weighting frame 0); the DiT on 4000 cached clips, then
 # continued on 8000, 16000 and 32000.
 TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_images.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_decoder.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_first_frame.yaml"],
+    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage5.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/train_dit.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64_continue.yaml"],
@@ -66,7 +67,7 @@ def find_or_train_model(retrain: bool) -> Path:
         for home in (SHIPPED_MODEL, TRAINED_MODEL):
             if (home / "model_index.json").is_file():
                 return home
-    print("No trained model found: training the built-in shapes model (VAE in four stages, DiT in four)...")
+    print("No trained model found: training the built-in shapes model (VAE in five stages, DiT in four)...")
     for step in TRAINING_STEPS:
         subprocess.run([sys.executable, *step], cwd=REPO, check=True)
     return TRAINED_MODEL
