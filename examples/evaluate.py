@@ -93,8 +93,7 @@ def main(argv=None) -> dict:
         text_swap=not args.no_text_swap,
     )
     results["model_path"] = args.model
-    results["settings"]["solver"] = "heun" if args.heun else "euler"
-    results["settings"]["shift"] = pipe.scheduler.config.shift
+    results["settings"].update(solver=pipe.scheduler.config.solver, shift=pipe.scheduler.config.shift)
     print(format_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
