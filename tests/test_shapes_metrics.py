@@ -24,7 +24,9 @@ from nanoi2v_diffusers.evaluation.shapes_metrics import (
     ground_truth_tracks,
     predict_directions,
     score_video,
+    VideoScore,
     static_baseline,
+    summarize,
     text_swap_outcome,
     text_swap_partner,
     text_swap_score,
@@ -189,6 +191,19 @@ def test_bad_video_shape_is_rejected(clips):
         score_video(clips[0].video[..., 0], clips[0])
     with pytest.raises(ValueError, match="ground truth's shape"):
         score_video(clips[0].video[:5], clips[0])
+
+
+def test_summary_splits_direction_accuracy_by_object_count():
+    def score(accuracy, predicted):
+        return VideoScore(accuracy, centroid_error_px=1.0, visibility=1.0, first_frame_psnr=30.0,
+                          predicted_directions=predicted)
+
+    scores = [score(1.0, ("left",)), score(0.5, ("up", "up")), score(0.0, ("down", LOST)), score(1.0, ("up",))]
+    summary = summarize(scores)
+    assert summary["direction_accuracy"] == pytest.approx(0.625)
+    assert summary["direction_accuracy_one_object"] == pytest.approx(1.0)
+    assert summary["direction_accuracy_several_objects"] == pytest.approx(0.25)
+    assert np.isnan(summarize(scores[1:3])["direction_accuracy_one_object"])  # no such scene: not a 0
 
 
 class FakePipeline:

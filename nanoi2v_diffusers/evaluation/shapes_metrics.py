@@ -305,13 +305,22 @@ def text_swap_score(videos_a, videos_b, clips_a: Sequence[ShapesClip], clips_b: 
     return float(np.mean(outcomes)) if outcomes else float("nan")
 
 
+def _mean_of_numbers(values: Sequence[float]) -> float:
+    """Mean without the NaNs (nothing to score in a video); NaN when nothing is left."""
+    values = np.array(values, dtype=np.float64)
+    return float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
+
+
 def summarize(scores: Sequence[VideoScore]) -> Dict[str, float]:
-    """Mean of every metric over videos (NaNs, i.e. nothing to score in a video, left out)."""
+    """Mean of every metric over videos, and direction accuracy apart for one-object scenes and for
+    scenes with several objects, where each motion must go to the object its clause names."""
     keys = ("direction_accuracy", "centroid_error_px", "visibility", "first_frame_psnr")
-    summary = {}
-    for key in keys:
-        values = np.array([getattr(score, key) for score in scores], dtype=np.float64)
-        summary[key] = float(values[~np.isnan(values)].mean()) if (~np.isnan(values)).any() else float("nan")
+    summary = {key: _mean_of_numbers([getattr(score, key) for score in scores]) for key in keys}
+    by_count = {"one_object": [], "several_objects": []}
+    for score in scores:
+        by_count["one_object" if len(score.predicted_directions) == 1 else "several_objects"].append(score)
+    for group, members in by_count.items():
+        summary[f"direction_accuracy_{group}"] = _mean_of_numbers([score.direction_accuracy for score in members])
     return summary
 
 
