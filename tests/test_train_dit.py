@@ -60,6 +60,9 @@ def test_tiny_run_saves_a_loadable_pipeline_with_ema_weights_card_and_videos(tmp
     log = _log(out)
     assert sorted(log) == [1, 2, 3, 4, 5, 6] and summary["steps"] == 6
     assert all(math.isfinite(record["loss"]) for record in log.values())
+    # Fewer steps than the window: the mean covers all of them; the last step's loss is kept beside it.
+    assert summary["mean_loss_last_100_steps"] == pytest.approx(np.mean([record["loss"] for record in log.values()]))
+    assert summary["final_loss"] == log[6]["loss"]
     assert [path.name for path in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-6"]
     assert not list(out.glob(".partial-*"))
     assert len(list((out / "validation").glob("step-000006-*.gif"))) == 2

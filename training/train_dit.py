@@ -25,6 +25,7 @@ EMA weights and generates videos from fixed validation first frames and captions
 whole pipeline is saved to `output_dir` with a model card, and pushed with `--push_to_hub`.
 """
 
+import collections
 import gc
 import hashlib
 import json
@@ -86,6 +87,9 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
 VALIDATION_FORMATS = ("gif", "mp4")
 TRAIN_LOG = "train_log.jsonl"
+# The summary also averages the loss over the last steps: one step's loss (one batch at random noise
+# levels) is too noisy to compare runs by.
+FINAL_LOSS_WINDOW = 100
 VALIDATION_DIR = "validation"
 RANK_FACTS_DIR = "rank_facts"
 # The contact sheet logged at each validation shows every other frame.
@@ -496,10 +500,13 @@ class DiTTrainer:
         self.model.train()
         # Steps/s counts the optimizer steps alone (data included), not checkpoints or validation.
         first_step, step_seconds, record = self.global_step, 0.0, {}
+        recent_losses = collections.deque(maxlen=FINAL_LOSS_WINDOW)
         while self.global_step < config.max_train_steps:
             start = time.perf_counter()
             record = self._train_step()
             step_seconds += time.perf_counter() - start
+            if record["loss"] is not None:
+                recent_losses.append(record["loss"])
             self._log(record)
             progress.update(1)
             progress.set_postfix(loss=_format_loss(record["loss"]),
@@ -507,7 +514,9 @@ class DiTTrainer:
             self._after_step()
         progress.close()
         steps_per_second = (self.global_step - first_step) / max(step_seconds, 1e-9)
-        summary = {"steps": self.global_step, "final_loss": record.get("loss"), "train_seconds": round(step_seconds, 1),
+        mean_loss = float(np.mean(recent_losses)) if recent_losses else None
+        summary = {"steps": self.global_step, "final_loss": record.get("loss"),
+                   f"mean_loss_last_{FINAL_LOSS_WINDOW}_steps": mean_loss, "train_seconds": round(step_seconds, 1),
                    "steps_per_second": round(steps_per_second, 3), **self._bad_file_report()}  # fmt: skip
         return self._finish(summary)
 
@@ -671,8 +680,10 @@ def _card_description(config: DiTTrainingConfig, summary: Dict[str, Any]) -> str
     if config.dataset == "shapes":
         data = "the built-in synthetic shapes clips"
     text = (f"Trained with `training/train_dit.py` on {data} ({config.resolution} x {config.resolution}, "
-            f"{config.num_frames} frames) for {summary['steps']} steps; final training loss "
-            f"{_format_loss(summary.get('final_loss'))}. The transformer weights are the EMA weights.")  # fmt: skip
+            f"{config.num_frames} frames) for {summary['steps']} steps; training loss "
+            f"{_format_loss(summary.get(f'mean_loss_last_{FINAL_LOSS_WINDOW}_steps'))} averaged over up to the last "
+            f"{FINAL_LOSS_WINDOW} steps, {_format_loss(summary.get('final_loss'))} at the last one. "
+            "The transformer weights are the EMA weights.")  # fmt: skip
     if config.text_encoder is None:
         text += (" The text encoder is the built-in all-MiniLM-L6-v2, not stored here: "
                  "`from nanoi2v_diffusers.text_encoders import load_minilm; text_encoder, tokenizer = load_minilm()`.")
