@@ -19,12 +19,12 @@ from nanoi2v_diffusers.data import (
 from nanoi2v_diffusers.evaluation.shapes_metrics import (
     COLOUR_TOLERANCE,
     LOST,
+    VideoScore,
     direction_accuracy,
     evaluate_pipeline,
     ground_truth_tracks,
     predict_directions,
     score_video,
-    VideoScore,
     static_baseline,
     summarize,
     text_swap_outcome,

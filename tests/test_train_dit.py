@@ -20,6 +20,7 @@ from training_fixtures import assets, fresh_accelerator_state, single_thread, ti
 from nanoi2v_diffusers import NanoI2VPipeline
 from nanoi2v_diffusers.data.latent_cache import LatentCacheInfo
 from nanoi2v_diffusers.models import AutoencoderKLNanoI2V
+from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel
 from nanoi2v_diffusers.training import precompute_latents, train_dit
 from nanoi2v_diffusers.training.common import (
     ResumableSampler,
@@ -286,6 +287,28 @@ def test_shipped_configs_parse_and_build_their_transformer(name):
         transformer = train_dit.build_transformer(config, latent_channels=16, text_dim=384)
     assert transformer.config.in_channels == 33 and transformer.config.text_dim == 384
     assert config.resolution % 16 == 0 and (config.num_frames - 1) % 4 == 0
+
+
+def test_a_pretrained_transformer_grows_by_its_overrides(tmp_path):
+    pretrained = NanoI2VTransformer3DModel.from_preset("tiny", in_channels=33, out_channels=16, text_dim=8)
+    with torch.no_grad():
+        for param in pretrained.parameters():
+            param.normal_(std=0.1)  # a trained model: no zero-initialised output left
+    pretrained.save_pretrained(tmp_path)
+    same_size = {"num_layers": pretrained.config.num_layers}  # what continuation configs inherit
+    config = DiTTrainingConfig(pretrained_transformer=str(tmp_path), transformer_overrides=same_size)
+    assert not train_dit.build_transformer(config, latent_channels=16, text_dim=8).text_refiner
+
+    config.transformer_overrides = {**same_size, "num_text_refiner_layers": 1}
+    grown = train_dit.build_transformer(config, latent_channels=16, text_dim=8).eval()
+    assert len(grown.text_refiner) == 1 and grown.config.num_text_refiner_layers == 1
+    latents, condition = torch.randn(1, 16, 2, 4, 4), torch.randn(1, 17, 2, 4, 4)
+    text = torch.randn(1, 5, 8)
+    with torch.no_grad():  # the new block starts as the identity: the same outputs as the saved model
+        expected = pretrained.eval()(latents, 500.0, text, condition=condition).sample
+        torch.testing.assert_close(grown(latents, 500.0, text, condition=condition).sample, expected)
+    with pytest.raises(ValueError, match="may only add modules.*would be dropped"):
+        train_dit.grow_transformer(pretrained, {"num_layers": 1})
 
 
 def test_config_rules_raise_clear_errors():

@@ -81,9 +81,9 @@ def test_return_dict_false_and_scalar_timestep():
     torch.testing.assert_close(from_scalar, from_batch)
 
 
-@pytest.mark.parametrize("attention_type", ["full", "factorized"])
-def test_padding_tokens_with_mask_zero_do_not_change_output(attention_type):
-    model = make_model(attention_type)
+@pytest.mark.parametrize("attention_type,num_text_refiner_layers", [("full", 0), ("factorized", 0), ("full", 1)])
+def test_padding_tokens_with_mask_zero_do_not_change_output(attention_type, num_text_refiner_layers):
+    model = make_model(attention_type, num_text_refiner_layers=num_text_refiner_layers)
     latents, timestep, text, condition = make_inputs(text_len=5)
     mask = torch.ones(2, 5)
     mask[1, 3:] = 0  # row 1 already has padding
@@ -97,8 +97,9 @@ def test_padding_tokens_with_mask_zero_do_not_change_output(attention_type):
     assert not torch.allclose(short, unmasked, atol=1e-3)  # the mask really is what hides the padding
 
 
-def test_all_padding_prompt_is_finite_and_ignores_padding_content():
-    model = make_model()
+@pytest.mark.parametrize("num_text_refiner_layers", [0, 1])
+def test_all_padding_prompt_is_finite_and_ignores_padding_content(num_text_refiner_layers):
+    model = make_model(num_text_refiner_layers=num_text_refiner_layers)
     latents, timestep, text, condition = make_inputs()
     mask = torch.ones(2, 5)
     mask[0] = 0  # row 0: unconditional, an all-padding prompt
@@ -130,6 +131,20 @@ def test_fresh_model_outputs_zeros_and_each_block_is_identity():
         assert torch.equal(block_input, block_output)
 
 
+def test_fresh_text_refiner_blocks_are_identity_and_trained_ones_mix_the_text():
+    base = make_model()
+    refined = NanoI2VTransformer3DModel(**{**TINY, "num_text_refiner_layers": 2}).eval()
+    missing, unexpected = refined.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("text_refiner.") for key in missing)
+    latents, timestep, text, condition = make_inputs()
+    with torch.no_grad():
+        expected = base(latents, timestep, text, condition=condition).sample
+        torch.testing.assert_close(refined(latents, timestep, text, condition=condition).sample, expected)
+        for param in refined.text_refiner.parameters():
+            param.normal_(std=0.2)
+        assert not torch.allclose(refined(latents, timestep, text, condition=condition).sample, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("attention_type", ["full", "factorized"])
 def test_gradient_checkpointing_gives_same_output_and_gradients(attention_type):
     model = make_model(attention_type).train()
@@ -151,7 +166,7 @@ def test_gradient_checkpointing_gives_same_output_and_gradients(attention_type):
 
 
 def test_save_load_round_trip_is_identical(tmp_path):
-    model = make_model("factorized")
+    model = make_model("factorized", num_text_refiner_layers=1)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
     reloaded = NanoI2VTransformer3DModel.from_pretrained(tmp_path).eval()
@@ -263,6 +278,8 @@ def test_bad_config_and_presets():
         NanoI2VTransformer3DModel(**{**TINY, "attention_type": "windowed"})
     with pytest.raises(ValueError, match="attention_head_dim must be even.*nearest valid is 16"):
         NanoI2VTransformer3DModel(**{**TINY, "attention_head_dim": 15})
+    with pytest.raises(ValueError, match="num_text_refiner_layers must be >= 0; got -1"):
+        NanoI2VTransformer3DModel(**{**TINY, "num_text_refiner_layers": -1})
     with pytest.raises(ValueError, match="Unknown transformer preset"):
         NanoI2VTransformer3DModel.from_preset("XL")
     tiny = NanoI2VTransformer3DModel.from_preset("tiny", text_dim=TEXT_DIM, num_layers=1)

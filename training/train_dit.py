@@ -112,6 +112,7 @@ class DiTTrainingConfig(TrainingConfig):
     max_sequence_length: int = 64
     transformer_preset: str = "S"  # a key of TRANSFORMER_PRESETS
     transformer_overrides: Optional[Dict[str, Any]] = None  # e.g. {num_layers: 8}; wins over the preset
+    # With pretrained_transformer, overrides may add modules to it: see grow_transformer.
     pretrained_transformer: Optional[str] = None  # start from a saved transformer instead
     scheduler_shift: float = 1.0
     # Objective
@@ -196,9 +197,31 @@ def load_vae(config: DiTTrainingConfig) -> AutoencoderKLNanoI2V:
     return vae.requires_grad_(False).eval()
 
 
+def grow_transformer(pretrained: NanoI2VTransformer3DModel, overrides: Dict[str, Any]) -> NanoI2VTransformer3DModel:
+    """`pretrained` with config `overrides` that add modules, e.g. `{num_text_refiner_layers: 1}`.
+
+    The added modules keep their fresh initialisation; text-refiner blocks start as the identity, so
+    a model grown by them starts out computing what `pretrained` computes. Overrides that would drop
+    weights raise; ones that change a weight's shape raise in `load_state_dict`.
+    """
+    changed = {key: value for key, value in overrides.items() if pretrained.config.get(key) != value}
+    if not changed:
+        return pretrained
+    grown = NanoI2VTransformer3DModel.from_config({**pretrained.config, **changed})
+    missing, unexpected = grown.load_state_dict(pretrained.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(
+            f"transformer_overrides {changed} may only add modules to pretrained_transformer; "
+            f"{len(unexpected)} of its weights would be dropped, e.g. {unexpected[0]!r}."
+        )
+    logger.info("Grew the pretrained transformer with %s: %d new parameter tensors.", changed, len(missing))
+    return grown
+
+
 def build_transformer(config: DiTTrainingConfig, latent_channels: int, text_dim: int) -> NanoI2VTransformer3DModel:
     if config.pretrained_transformer:
-        return NanoI2VTransformer3DModel.from_pretrained(config.pretrained_transformer)
+        pretrained = NanoI2VTransformer3DModel.from_pretrained(config.pretrained_transformer)
+        return grow_transformer(pretrained, config.transformer_overrides or {})
     overrides = dict(config.transformer_overrides or {})
     overrides.update(in_channels=latent_channels + num_condition_channels(latent_channels),
                      out_channels=latent_channels, text_dim=text_dim)  # fmt: skip

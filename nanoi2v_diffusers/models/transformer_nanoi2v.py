@@ -3,7 +3,8 @@
 The noisy latents and the image condition are concatenated on channels, cut into 3D patches and
 embedded as tokens `(B, N, dim)` with `N = T' * H' * W'` (the patch grid). Each block applies
 adaLN-modulated self-attention (QK RMSNorm, 3D RoPE), cross-attention to the text tokens and an MLP;
-a final adaLN + linear maps the tokens back to patches.
+a final adaLN + linear maps the tokens back to patches. Optional text-refiner blocks let the text
+tokens attend to each other before the video tokens read them.
 
 Written with the GPU path in mind: one fused QKV projection per self-attention, RoPE tables built
 once per (grid, device, dtype) outside the blocks, and blocks without data-dependent Python
@@ -208,6 +209,34 @@ class NanoI2VCrossAttention(nn.Module):
         return out
 
 
+class NanoI2VTextRefinerBlock(nn.Module):
+    """Self-attention + MLP over the projected text tokens, before any video token reads them (as the
+    token refiner of HunyuanVideo or the context refiner of Lumina 2).
+
+    A frozen text encoder's token for a motion word knows little of which object its clause names;
+    letting the tokens mix again, trained for this task, can put both in one token. Both output
+    projections start at zero, so a fresh block is the identity: blocks can be added to a trained model.
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, num_heads: int, head_dim: int, qk_norm: bool, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = NanoI2VCrossAttention(dim, num_heads, head_dim, qk_norm, eps)  # called with q = kv: self-attention
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu")
+
+    def forward(
+        self,
+        context: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        has_text: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        # context: (B, L, dim); padding tokens are masked as keys, and rows without text stay as they are.
+        normed = self.norm1(context)
+        context = context + self.attn(normed, normed, attention_mask, has_text)
+        return context + self.ffn(self.norm2(context))
+
+
 class NanoI2VTransformerBlock(nn.Module):
     """adaLN-modulated self-attention (full, or spatial then temporal) + cross-attention + MLP.
 
@@ -295,6 +324,8 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
         attention_type (`str`, defaults to `"full"`): `"full"` 3D attention, or `"factorized"`: spatial
             attention within each frame, then temporal attention across frames.
         rope_theta (`float`, defaults to 10000.0): Base of the rotary embedding frequencies.
+        num_text_refiner_layers (`int`, defaults to 0): `NanoI2VTextRefinerBlock`s applied to the projected
+            text tokens before the transformer blocks; 0 reads the text encoder's tokens as they are.
     """
 
     _supports_gradient_checkpointing = True
@@ -319,9 +350,12 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
         eps: float = 1e-6,
         attention_type: str = "full",
         rope_theta: float = 10000.0,
+        num_text_refiner_layers: int = 0,
     ):
         super().__init__()
         self._check_config(patch_size, in_channels, out_channels, attention_head_dim, attention_type)
+        if num_text_refiner_layers < 0:
+            raise ValueError(f"num_text_refiner_layers must be >= 0; got {num_text_refiner_layers}.")
         inner_dim = num_attention_heads * attention_head_dim
         num_modulations = _num_modulations(attention_type)
 
@@ -331,6 +365,12 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
         self.time_embedder = TimestepEmbedding(freq_dim, inner_dim)
         self.time_modulation = nn.Sequential(nn.SiLU(), nn.Linear(inner_dim, num_modulations * inner_dim))
         self.text_embedder = PixArtAlphaTextProjection(text_dim, inner_dim, act_fn="gelu_tanh")
+        self.text_refiner = nn.ModuleList(
+            [
+                NanoI2VTextRefinerBlock(inner_dim, ffn_dim, num_attention_heads, attention_head_dim, qk_norm, eps)
+                for _ in range(num_text_refiner_layers)
+            ]
+        )
 
         self.blocks = nn.ModuleList(
             [
@@ -372,8 +412,11 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
 
     def _zero_init_outputs(self):
         """adaLN-Zero: the modulation (so every gate), the cross-attention outputs and the final
-        projection start at zero: each fresh block is the identity and the model outputs zeros."""
-        for module in (self.time_modulation[1], self.proj_out, *(block.attn2.to_out for block in self.blocks)):
+        projection start at zero: each fresh block is the identity and the model outputs zeros. The
+        text refiner's attention and MLP outputs too, so each fresh refiner block is the identity."""
+        refiner_outputs = [layer for block in self.text_refiner for layer in (block.attn.to_out, block.ffn.net[-1])]
+        cross_attention_outputs = [block.attn2.to_out for block in self.blocks]
+        for module in (self.time_modulation[1], self.proj_out, *cross_attention_outputs, *refiner_outputs):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
@@ -494,6 +537,8 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
         temb, modulation = self._embed_timestep(timestep, batch_size, tokens.dtype, tokens.device)
         context = self.text_embedder(encoder_hidden_states.to(tokens.dtype))  # (B, L, dim)
         text_mask, has_text = self._text_attention_mask(encoder_attention_mask, tokens.dtype)
+        for refiner_block in self.text_refiner:
+            context = refiner_block(context, text_mask, has_text)
 
         block_args = (context, modulation, rotary_emb, grid[0], text_mask, has_text)
         for block in self.blocks:
