@@ -9,7 +9,9 @@
   model_index.json may only name classes of nanoi2v_diffusers, diffusers and transformers.
 - Configs are checked before anything is built: a config.json, scheduler_config.json or
   model_index.json with a missing, unknown or mistyped key raises `ConfigValidationError` naming the
-  file and the key (diffusers fills missing keys with defaults and ignores unknown ones).
+  file and the key (diffusers fills missing keys with defaults and ignores unknown ones). The one
+  exception: keys a class added after configs were first saved, listed in its `_config_keys_added_later`,
+  whose defaults reproduce what the older files meant.
 - Training checkpoints: accelerate unpickles `custom_checkpoint_*.pkl` (the EMA state) with
   `weights_only=False`; `check_checkpoint_pickles` first proves each loads with `weights_only=True`.
 """
@@ -158,7 +160,7 @@ def validate_config(config: Mapping[str, Any], cls, source: str, strict: bool = 
     parameters, hints = _init_parameters(cls), _init_hints(cls)
     public = {key: value for key, value in config.items() if not key.startswith("_")}
     if strict:
-        _check_known_and_complete(public, parameters, source)
+        _check_known_and_complete(public, parameters, source, getattr(cls, "_config_keys_added_later", ()))
     for key, value in public.items():
         parameter = parameters.get(key)
         if parameter is None or (value is None and parameter.default is None):
@@ -167,14 +169,16 @@ def validate_config(config: Mapping[str, Any], cls, source: str, strict: bool = 
             raise ConfigValidationError(f"{source}: key {key!r} must be {_type_name(hints[key])}; got {value!r}.")
 
 
-def _check_known_and_complete(public: Mapping[str, Any], parameters: Mapping[str, inspect.Parameter], source: str):
+def _check_known_and_complete(
+    public: Mapping[str, Any], parameters: Mapping[str, inspect.Parameter], source: str, added_later=()
+):
     for key in public:
         if key not in parameters:
             close = difflib.get_close_matches(key, list(parameters), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigValidationError(f"{source}: unknown key {key!r}{hint}.")
     for key, parameter in parameters.items():
-        if key not in public:
+        if key not in public and key not in added_later:
             has_default = parameter.default is not inspect.Parameter.empty
             default = f" (this version's default: {parameter.default!r})" if has_default else ""
             raise ConfigValidationError(

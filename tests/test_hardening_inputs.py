@@ -347,6 +347,13 @@ def test_tampered_or_incomplete_config_names_file_and_key(saved_pipe, tmp_path, 
         NanoI2VPipeline.from_pretrained(folder)
 
 
+def test_config_saved_before_a_key_was_added_loads_with_its_default(saved_pipe, tmp_path):
+    folder = shutil.copytree(saved_pipe, tmp_path / "pipe")
+    _edit_json(folder / "transformer" / "config.json", lambda c: c.pop("num_text_refiner_layers"))
+    pipe = NanoI2VPipeline.from_pretrained(folder)
+    assert pipe.transformer.config.num_text_refiner_layers == 0 and not pipe.transformer.text_refiner
+
+
 def test_malformed_json_names_the_file(saved_pipe, tmp_path):
     folder = shutil.copytree(saved_pipe, tmp_path / "pipe")
     (folder / "vae" / "config.json").write_text('{"in_channels": 3,')

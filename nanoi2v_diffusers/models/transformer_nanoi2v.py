@@ -332,6 +332,8 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
     _no_split_modules = ["NanoI2VTransformerBlock"]
     _repeated_blocks = ["NanoI2VTransformerBlock"]
     _skip_layerwise_casting_patterns = ["patch_embedding", "time_embedder", "time_modulation", "norm"]
+    # Configs saved before these keys existed load with their defaults (see nanoi2v_diffusers.safe_loading).
+    _config_keys_added_later = ("num_text_refiner_layers",)
 
     @register_to_config
     def __init__(
