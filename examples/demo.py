@@ -28,8 +28,8 @@ TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage5"
 DEMO_DIR = REPO / "outputs" / "demo"
 
 # The recipe of the built-in model, in order (README "Training"): the VAE on first frames, on clips, then
-# its decoder alone three times (from the second on weighting frame 0); the DiT on 4000 cached clips, then
-# continued on 8000, 16000 and 32000.
+# its decoder alone five times (from the second on weighting frame 0); the DiT on 4000 cached clips, then
+# continued on 8000, 16000 and 32000, and once more on the same 32000.
 TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_images.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64.yaml"],
@@ -37,6 +37,7 @@ TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_first_frame.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage5.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage6.yaml"],
+    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage7.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/train_dit.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64_continue.yaml"],
@@ -70,7 +71,7 @@ def find_or_train_model(retrain: bool) -> Path:
         for home in (SHIPPED_MODEL, TRAINED_MODEL):
             if (home / "model_index.json").is_file():
                 return home
-    print("No trained model found: training the built-in shapes model (VAE in six stages, DiT in five)...")
+    print("No trained model found: training the built-in shapes model (VAE in seven stages, DiT in five)...")
     for step in TRAINING_STEPS:
         subprocess.run([sys.executable, *step], cwd=REPO, check=True)
     return TRAINED_MODEL
