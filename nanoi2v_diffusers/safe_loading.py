@@ -24,7 +24,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers.utils import logging
@@ -170,7 +170,7 @@ def validate_config(config: Mapping[str, Any], cls, source: str, strict: bool = 
 
 
 def _check_known_and_complete(
-    public: Mapping[str, Any], parameters: Mapping[str, inspect.Parameter], source: str, added_later=()
+    public: Mapping[str, Any], parameters: Mapping[str, inspect.Parameter], source: str, added_later: Sequence[str] = ()
 ):
     for key in public:
         if key not in parameters:
