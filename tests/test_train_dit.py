@@ -295,6 +295,10 @@ def test_a_pretrained_transformer_grows_by_its_overrides(tmp_path):
         for param in pretrained.parameters():
             param.normal_(std=0.1)  # a trained model: no zero-initialised output left
     pretrained.save_pretrained(tmp_path)
+    # Saved before the refiner existed: the key is missing from the file and defaults on loading.
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({k: v for k, v in json.loads(config_file.read_text()).items()
+                                       if k != "num_text_refiner_layers"}))
     same_size = {"num_layers": pretrained.config.num_layers}  # what continuation configs inherit
     config = DiTTrainingConfig(pretrained_transformer=str(tmp_path), transformer_overrides=same_size)
     assert not train_dit.build_transformer(config, latent_channels=16, text_dim=8).text_refiner

@@ -207,7 +207,8 @@ def grow_transformer(pretrained: NanoI2VTransformer3DModel, overrides: Dict[str,
     changed = {key: value for key, value in overrides.items() if pretrained.config.get(key) != value}
     if not changed:
         return pretrained
-    grown = NanoI2VTransformer3DModel.from_config({**pretrained.config, **changed})
+    # As keyword arguments: from_config drops config entries that were defaults when `pretrained` was loaded.
+    grown = NanoI2VTransformer3DModel.from_config(pretrained.config, **changed)
     missing, unexpected = grown.load_state_dict(pretrained.state_dict(), strict=False)
     if unexpected:
         raise ValueError(
