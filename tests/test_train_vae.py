@@ -160,12 +160,14 @@ def test_built_in_recipe_chains_its_stages(monkeypatch):
     # own config, or by an earlier stage's when it only trains longer on the same clips.
     written = {}  # cache_dir -> the config that wrote it
     for script, *_, name in demo.TRAINING_STEPS:
-        if Path(script).name in ("precompute_latents.py", "train_dit.py"):
-            config = parse_config(DiTTrainingConfig, ["--config", str(ROOT / name)])
-        if Path(script).name == "precompute_latents.py":
+        script = Path(script).name
+        if script not in ("precompute_latents.py", "train_dit.py"):
+            continue
+        config = parse_config(DiTTrainingConfig, ["--config", str(ROOT / name)])
+        if script == "precompute_latents.py":
             assert config.cache_dir not in written
             written[config.cache_dir] = config
-        elif Path(script).name == "train_dit.py":
+        else:
             cache = written[config.cache_dir]
             assert (cache.max_train_samples, cache.resolution) == (config.max_train_samples, config.resolution)
 

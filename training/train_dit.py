@@ -90,6 +90,7 @@ TRAIN_LOG = "train_log.jsonl"
 # The summary also averages the loss over the last steps: one step's loss (one batch at random noise
 # levels) is too noisy to compare runs by.
 FINAL_LOSS_WINDOW = 100
+MEAN_LOSS_KEY = f"mean_loss_last_{FINAL_LOSS_WINDOW}_steps"
 VALIDATION_DIR = "validation"
 RANK_FACTS_DIR = "rank_facts"
 # The contact sheet logged at each validation shows every other frame.
@@ -540,7 +541,7 @@ class DiTTrainer:
         steps_per_second = (self.global_step - first_step) / max(step_seconds, 1e-9)
         mean_loss = float(np.mean(recent_losses)) if recent_losses else None
         summary = {"steps": self.global_step, "final_loss": record.get("loss"),
-                   f"mean_loss_last_{FINAL_LOSS_WINDOW}_steps": mean_loss, "train_seconds": round(step_seconds, 1),
+                   MEAN_LOSS_KEY: mean_loss, "train_seconds": round(step_seconds, 1),
                    "steps_per_second": round(steps_per_second, 3), **self._bad_file_report()}  # fmt: skip
         return self._finish(summary)
 
@@ -705,7 +706,7 @@ def _card_description(config: DiTTrainingConfig, summary: Dict[str, Any]) -> str
         data = "the built-in synthetic shapes clips"
     text = (f"Trained with `training/train_dit.py` on {data} ({config.resolution} x {config.resolution}, "
             f"{config.num_frames} frames) for {summary['steps']} steps; training loss "
-            f"{_format_loss(summary.get(f'mean_loss_last_{FINAL_LOSS_WINDOW}_steps'))} averaged over up to the last "
+            f"{_format_loss(summary.get(MEAN_LOSS_KEY))} averaged over up to the last "
             f"{FINAL_LOSS_WINDOW} steps, {_format_loss(summary.get('final_loss'))} at the last one. "
             "The transformer weights are the EMA weights.")  # fmt: skip
     if config.text_encoder is None:

@@ -316,11 +316,10 @@ def summarize(scores: Sequence[VideoScore]) -> Dict[str, float]:
     scenes with several objects, where each motion must go to the object its clause names."""
     keys = ("direction_accuracy", "centroid_error_px", "visibility", "first_frame_psnr")
     summary = {key: _mean_of_numbers([getattr(score, key) for score in scores]) for key in keys}
-    by_count = {"one_object": [], "several_objects": []}
-    for score in scores:
-        by_count["one_object" if len(score.predicted_directions) == 1 else "several_objects"].append(score)
-    for group, members in by_count.items():
-        summary[f"direction_accuracy_{group}"] = _mean_of_numbers([score.direction_accuracy for score in members])
+    one_object = [score.direction_accuracy for score in scores if len(score.predicted_directions) == 1]
+    several = [score.direction_accuracy for score in scores if len(score.predicted_directions) > 1]
+    summary["direction_accuracy_one_object"] = _mean_of_numbers(one_object)
+    summary["direction_accuracy_several_objects"] = _mean_of_numbers(several)
     return summary
 
 
