@@ -16,7 +16,8 @@ from typing import List, NamedTuple
 import numpy as np
 import torch
 
-from generate import load_pipeline, video_to_uint8  # examples/ is on sys.path when this file runs as a script
+from evaluate import format_table  # examples/ is on sys.path when this file runs as a script
+from generate import load_pipeline, video_to_uint8
 
 from nanoi2v_diffusers.contact_sheet import save_contact_sheet
 from nanoi2v_diffusers.data import ShapesConfig, render_clip, sample_scene, shapes_split_seed, with_motion, write_video
@@ -103,13 +104,8 @@ def generate_demo_videos(pipe, scenes: List[DemoScene]) -> List[np.ndarray]:
 
 def print_metrics(pipe) -> None:
     results = evaluate_pipeline(pipe, num_scenes=NUM_EVAL_SCENES, num_inference_steps=NUM_STEPS, guidance_scale=GUIDANCE)
-    print(f"\nEvaluation on {NUM_EVAL_SCENES} fresh validation scenes ({NUM_STEPS} steps, guidance {GUIDANCE}):")
-    print("| metric | model | static baseline |\n|---|---|---|")
-    for key in ("direction_accuracy", "text_swap", "first_frame_psnr", "centroid_error_px"):
-        model, baseline = results["model"].get(key, float("nan")), results["static_baseline"].get(key, float("nan"))
-        print(f"| {key} | {model:.3f} | {baseline:.3f} |")
-    print(f"| seconds per video | {results['seconds_per_video']:.2f} | - |")
-    print("Full table: python examples/evaluate.py --model <model> --n 64 --steps 20")
+    print(f"\nEvaluation on fresh validation scenes:\n{format_table(results)}")
+    print("Full evaluation: python examples/evaluate.py --model <model> --n 64 --steps 20")
 
 
 def main(argv=None) -> None:

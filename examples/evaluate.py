@@ -29,7 +29,7 @@ TABLE_ROWS = (
 )
 
 
-def _format_number(value) -> str:
+def format_number(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, float) and math.isinf(value):
@@ -44,14 +44,18 @@ def format_table(results: dict) -> str:
         f"{settings['num_scenes']} {settings['split']} scenes, {settings['num_inference_steps']} steps, "
         f"guidance {settings['guidance_scale']}, seed {settings['seed']}",
         "",
-        "| metric | model | static baseline | target |",
+        "| metric | model +- standard error | static baseline | target |",
         "|---|---|---|---|",
     ]
     for key, label, target in TABLE_ROWS:
-        # .get: there is no "text_swap" under --no-text-swap.
+        # .get: there is no "text_swap" under --no-text-swap, no standard error for the Frechet distance.
         model, baseline = results["model"].get(key), results["static_baseline"].get(key)
-        lines.append(f"| {label} | {_format_number(model)} | {_format_number(baseline)} | {target} |")
-    seconds = _format_number(results["seconds_per_video"])
+        error = results["model_standard_error"].get(key)
+        cell = format_number(model)
+        if error is not None and math.isfinite(error):
+            cell += f" +- {format_number(error)}"
+        lines.append(f"| {label} | {cell} | {format_number(baseline)} | {target} |")
+    seconds = format_number(results["seconds_per_video"])
     lines.append(f"| seconds per video (batches of {settings['batch_size']}) | {seconds} | - | <= 30 |")
     return "\n".join(lines)
 
@@ -73,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=64, help="number of validation scenes")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="text guidance scale (1 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the validation scenes and the noise")
+    parser.add_argument("--seed", type=int, default=0, help="which block of --n validation scenes (and their noise); seeds never share a scene")
     parser.add_argument("--heun", action="store_true", help="second-order Heun sampler instead of Euler")
     parser.add_argument("--shift", type=float, default=None, help="timestep shift (default: the saved scheduler's)")
     parser.add_argument("--batch-size", type=int, default=8, help="videos per pipeline call")

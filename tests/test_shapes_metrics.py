@@ -23,10 +23,13 @@ from nanoi2v_diffusers.evaluation.shapes_metrics import (
     direction_accuracy,
     evaluate_pipeline,
     ground_truth_tracks,
+    paired_differences,
     predict_directions,
     score_video,
+    standard_error,
     static_baseline,
     summarize,
+    summarize_standard_errors,
     text_swap_outcome,
     text_swap_partner,
     text_swap_score,
@@ -37,6 +40,7 @@ from nanoi2v_diffusers.schedulers import NanoI2VFlowMatchScheduler
 CONFIG = ShapesConfig()  # the evaluation's setting: 64 x 64, 17 frames
 SEEDS = range(24)
 EVALUATE_SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
+COMPARE_SCRIPT = EVALUATE_SCRIPT.with_name("compare_evaluations.py")
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +210,28 @@ def test_summary_splits_direction_accuracy_by_object_count():
     assert np.isnan(summarize(scores[1:3])["direction_accuracy_one_object"])  # no such scene: not a 0
 
 
+def test_standard_error_known_answers():
+    assert standard_error([0.0, 1.0, 0.0, 1.0]) == pytest.approx(np.sqrt(1 / 3) / 2)  # sample std / sqrt(4)
+    assert standard_error([0.0, float("nan"), 1.0, 0.0, 1.0]) == pytest.approx(np.sqrt(1 / 3) / 2)  # NaN left out
+    assert standard_error([0.7, 0.7, 0.7]) == pytest.approx(0.0, abs=1e-12)
+    assert np.isnan(standard_error([1.0])) and np.isnan(standard_error([]))  # no spread from one value
+    assert np.isnan(standard_error([30.0, float("inf")]))  # a perfect frame's PSNR
+
+
+def test_standard_errors_come_per_summary_metric_and_per_group():
+    def score(accuracy, predicted):
+        return VideoScore(accuracy, centroid_error_px=accuracy, visibility=1.0, first_frame_psnr=30.0,
+                          predicted_directions=predicted)
+
+    scores = [score(1.0, ("left",)), score(0.0, ("up",)), score(0.5, ("up", "up")), score(0.5, ("down", LOST))]
+    errors = summarize_standard_errors(scores)
+    assert errors.keys() == summarize(scores).keys()
+    assert errors["direction_accuracy_one_object"] == pytest.approx(standard_error([1.0, 0.0]))
+    assert errors["direction_accuracy_several_objects"] == 0.0  # the two-object scenes agree
+    assert errors["direction_accuracy"] == pytest.approx(standard_error([1.0, 0.0, 0.5, 0.5]))
+    assert errors["visibility"] == 0.0
+
+
 class FakePipeline:
     """Answers each (first frame, caption) with the generator's own video, or the frozen first frame."""
 
@@ -235,7 +261,7 @@ def static_baseline_of(video):
 
 
 def validation_clips(num_scenes, seed=0):
-    dataset = ShapesDataset(num_scenes, split="validation", config=CONFIG, seed=seed)
+    dataset = ShapesDataset(num_scenes, split="validation", config=CONFIG, seed=seed * num_scenes)
     scenes = [dataset.clip(index) for index in range(num_scenes)]
     return scenes + [text_swap_partner(clip, CONFIG) for clip in scenes]
 
@@ -257,6 +283,17 @@ def test_evaluate_pipeline_with_a_perfect_fake():
     seeds = [seed for call in pipe.calls for seed in call["seeds"]]
     assert seeds[:4] == seeds[4:] and len(set(seeds[:4])) == 4
     assert len(results["scenes"]) == 4 and results["seconds_per_video"] >= 0
+    assert all(scene["text_swap"] is True for scene in results["scenes"])
+    errors = results["model_standard_error"]
+    assert errors["direction_accuracy"] == 0.0 and errors["text_swap"] == 0.0  # every scene right
+    assert "frechet_distance" not in errors  # one number for the whole set, not a mean over scenes
+
+
+def test_evaluation_seeds_pick_disjoint_scene_sets():
+    seeds = [{scene["seed"] for scene in evaluate_pipeline(FakePipeline(validation_clips(5, seed)), num_scenes=5,
+                                                           seed=seed, text_swap=False, progress=False)["scenes"]}
+             for seed in (0, 1)]
+    assert len(seeds[0]) == len(seeds[1]) == 5 and not seeds[0] & seeds[1]
 
 
 def test_evaluate_pipeline_with_a_static_fake_matches_the_baseline():
@@ -283,8 +320,44 @@ def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, c
     script.main(["--model", "fake", "--n", "2", "--steps", "2", "--batch-size", "4", "--shift", "2.5",
                  "--out", str(out)])
     table = capsys.readouterr().out
-    assert "| direction accuracy | 1.000 |" in table and "static baseline" in table
+    assert "| direction accuracy | 1.000 +- 0.000 |" in table and "static baseline" in table
+    assert "| Frechet distance (colour/motion features, not FVD) | 0.000 |" in table  # no standard error
     written = json.loads(out.read_text())  # strict JSON: the perfect first frame's infinite PSNR is a string
     assert written["model"]["first_frame_psnr"] == "inf"
     assert written["settings"]["num_scenes"] == 2 and written["model_path"] == "fake"
     assert written["settings"]["shift"] == 2.5  # the flag reached the loader and the record
+
+
+def test_paired_differences_of_a_perfect_and_a_static_model():
+    # Seed 1 of 6 scenes: one with a still object, which the static model gets right.
+    perfect = evaluate_pipeline(FakePipeline(validation_clips(6, seed=1)), num_scenes=6, seed=1, progress=False)
+    static = evaluate_pipeline(FakePipeline(validation_clips(6, seed=1), static=True), num_scenes=6, seed=1,
+                               progress=False)
+    differences = paired_differences(perfect["scenes"], static["scenes"])
+    mean, error = differences["direction_accuracy"]
+    assert mean == pytest.approx(static["model"]["direction_accuracy"] - 1.0)
+    per_scene = [scene["direction_accuracy"] - 1.0 for scene in static["scenes"]]
+    assert error == pytest.approx(standard_error(per_scene)) and error > 0
+    assert differences["text_swap"] == (-1.0, 0.0)  # every pair passes for one, fails for the other
+    assert "frechet_distance" not in differences
+    assert np.isnan(differences["first_frame_psnr"][0])  # both exact copies: inf - inf has no value
+    with pytest.raises(ValueError, match="same scenes"):
+        paired_differences(perfect["scenes"], static["scenes"][::-1])
+
+
+def test_compare_script_reads_two_evaluation_files(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EVALUATE_SCRIPT.parent))  # as when the script runs: examples/ on sys.path
+    spec = importlib.util.spec_from_file_location("compare_script", COMPARE_SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    evaluate_module = sys.modules["evaluate"]
+    paths = []
+    for name, static in (("perfect", False), ("static", True)):
+        results = evaluate_pipeline(FakePipeline(validation_clips(3), static=static), num_scenes=3, progress=False)
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(evaluate_module._json_safe(results), allow_nan=False))  # "inf" strings
+    table = script.main([str(path) for path in paths])
+    assert "| metric | perfect | static | static - perfect +- standard error |" in table
+    assert "| text-swap score | 1.000 | 0.000 | -1.000 +- 0.000 |" in table
+    assert "| first-frame PSNR (dB) | inf | inf | n/a |" in table
+    assert "Frechet" not in table
