@@ -25,12 +25,12 @@ from nanoi2v_diffusers.evaluation.shapes_metrics import evaluate_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "examples" / "nanoi2v-shapes-64"
-TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage5"
+TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage6"
 DEMO_DIR = REPO / "outputs" / "demo"
 
 # The recipe of the built-in model, in order (README "Training"): the VAE on first frames, on clips, then
-# its decoder alone five times (from the second on weighting frame 0); the DiT on 4000 cached clips, then
-# continued on 8000, 16000 and 32000, and once more on the same 32000.
+# its decoder alone six times (from the second on weighting frame 0); the DiT on 4000 cached clips, then
+# continued on 8000, 16000 and 32000, and twice more on the same 32000.
 TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_images.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64.yaml"],
@@ -39,6 +39,7 @@ TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage5.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage6.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage7.yaml"],
+    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage8.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/train_dit.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64_continue.yaml"],
@@ -47,8 +48,9 @@ TRAINING_STEPS = (
     ["training/train_dit.py", "--config", "training/configs/shapes_64_stage3.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64_stage4.yaml"],
     ["training/train_dit.py", "--config", "training/configs/shapes_64_stage4.yaml"],
-    # Stage 5 trains longer on stage 4's cache, so it has no precompute of its own.
-    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage5.yaml"],  # writes TRAINED_MODEL
+    # Stages 5 and 6 train longer on stage 4's cache, so they have no precompute of their own.
+    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage5.yaml"],
+    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage6.yaml"],  # writes TRAINED_MODEL
 )
 
 # Demo scenes: validation seeds (never trained on), and one image shown with two different motions.
