@@ -25,7 +25,7 @@ KEPT_FILES = ("README.md", "training_config.yaml")
 
 def load_matching_vae(path: Path, pipe: NanoI2VPipeline) -> AutoencoderKLNanoI2V:
     """The VAE at `path`, if it makes the same latents as the pipeline's VAE (same encoder and statistics)."""
-    vae = AutoencoderKLNanoI2V.from_pretrained(path)
+    vae = AutoencoderKLNanoI2V.from_pretrained(path, torch_dtype=pipe.vae.dtype)
     for key in ("latents_mean", "latents_std"):
         if vae.config[key] != pipe.vae.config[key]:
             raise ValueError(
@@ -41,12 +41,13 @@ def load_matching_vae(path: Path, pipe: NanoI2VPipeline) -> AutoencoderKLNanoI2V
 
 def ship(source: Path, target: Path, vae: Optional[Path] = None) -> int:
     """Write `source` (with the VAE at `vae`, if given) to `target` in float16; returns the weights' size in bytes."""
-    pipe = NanoI2VPipeline.from_pretrained(source)
+    # Loaded straight into float16: casting with `.to()` makes diffusers warn about fp32-kept modules.
+    pipe = NanoI2VPipeline.from_pretrained(source, torch_dtype=torch.float16)
     if vae is not None:
         pipe.vae = load_matching_vae(vae, pipe)
     if target.exists():
         shutil.rmtree(target)
-    pipe.to(torch.float16).save_pretrained(target)
+    pipe.save_pretrained(target)
     for name in KEPT_FILES:
         if (source / name).is_file():
             shutil.copy2(source / name, target / name)

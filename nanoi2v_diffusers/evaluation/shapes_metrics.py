@@ -333,11 +333,14 @@ def standard_error(values: Sequence[float]) -> float:
     return float(values.std(ddof=1) / np.sqrt(values.size))
 
 
+# The `VideoScore` fields that are one number per scene, averaged by `summarize`.
+_SCENE_METRICS = ("direction_accuracy", "centroid_error_px", "visibility", "first_frame_psnr")
+
+
 def _per_scene_values(scores: Sequence[VideoScore]) -> Dict[str, List[float]]:
     """Each summary metric's value per scene; direction accuracy also apart for one-object scenes and
     for scenes with several objects (NaN for the scenes of the other group)."""
-    keys = ("direction_accuracy", "centroid_error_px", "visibility", "first_frame_psnr")
-    values = {key: [getattr(score, key) for score in scores] for key in keys}
+    values = {key: [getattr(score, key) for score in scores] for key in _SCENE_METRICS}
     counts = [len(score.predicted_directions) for score in scores]
     values["direction_accuracy_one_object"] = [
         accuracy if count == 1 else float("nan") for accuracy, count in zip(values["direction_accuracy"], counts)
@@ -362,9 +365,11 @@ def summarize_standard_errors(scores: Sequence[VideoScore]) -> Dict[str, float]:
 def _scene_record_values(scenes: Sequence[dict]) -> Dict[str, List[float]]:
     """`_per_scene_values` of `evaluate_pipeline`'s "scenes" records (as read back from its JSON, where
     inf and NaN are strings), plus "text_swap" when every record has its outcome."""
-    numbers = ("direction_accuracy", "centroid_error_px", "visibility", "first_frame_psnr")
     scores = [
-        VideoScore(**{key: float(scene[key]) for key in numbers}, predicted_directions=tuple(scene["predicted_directions"]))
+        VideoScore(
+            **{key: float(scene[key]) for key in _SCENE_METRICS},
+            predicted_directions=tuple(scene["predicted_directions"]),
+        )
         for scene in scenes
     ]
     values = _per_scene_values(scores)
@@ -464,8 +469,8 @@ def _score_with_baseline(
     baseline = summarize([score_video(video, clip) for video, clip in zip(baselines, clips)])
     model["frechet_distance"] = frechet_to_ground_truth(videos, clips)
     baseline["frechet_distance"] = frechet_to_ground_truth(baselines, clips)
-    swaps = text_swap_outcomes(videos, partner_videos, clips, partners) if partners else []
-    if partners:
+    swaps = text_swap_outcomes(videos, partner_videos, clips, partners)  # empty without partners
+    if swaps:
         model["text_swap"], model_errors["text_swap"] = _mean_of_numbers(swaps), standard_error(swaps)
         # A partner has the same first frame, so the baseline's two videos are the same video.
         baseline["text_swap"] = text_swap_score(baselines, baselines, clips, partners)
@@ -489,10 +494,9 @@ def evaluate_pipeline(
     Scenes are the `seed`-th block of `num_scenes` clips of the split, clips `seed * num_scenes ..
     (seed + 1) * num_scenes - 1` of `ShapesDataset(split=split)`, so two seeds never share a scene
     (a dataset's own `seed` shifts its window by one clip only); the validation split's seeds never
-    occur in training. Each scene is generated from its first frame
-    and caption with noise seeded by the scene's seed. With `text_swap`, each scene is generated a
-    second time from the same first frame and noise with the caption of `text_swap_partner`, and
-    the pairs give the text-swap score.
+    occur in training. Each scene is generated from its first frame and caption with noise seeded by
+    the scene's seed. With `text_swap`, each scene is generated a second time from the same first
+    frame and noise with the caption of `text_swap_partner`, and the pairs give the text-swap score.
 
     Args:
         pipe: a `NanoI2VPipeline`, or any callable with its `(image=, prompt=, num_frames=,
