@@ -29,7 +29,7 @@ TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage6"
 DEMO_DIR = REPO / "outputs" / "demo"
 
 # The recipe of the built-in model, in order (README "Training"): the VAE on first frames, on clips, then
-# its decoder alone six times (from the second on weighting frame 0); the DiT on 4000 cached clips, then
+# its decoder alone seven times (from the second on weighting frame 0); the DiT on 4000 cached clips, then
 # continued on 8000, 16000 and 32000, and twice more on the same 32000.
 TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_images.yaml"],
@@ -40,6 +40,7 @@ TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage6.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage7.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage8.yaml"],
+    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage9.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/train_dit.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64_continue.yaml"],
