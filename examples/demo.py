@@ -8,6 +8,7 @@ prints the evaluation metrics on fresh validation scenes.
 """
 
 import argparse
+import collections
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,9 @@ def find_or_train_model(retrain: bool) -> Path:
         for home in (SHIPPED_MODEL, TRAINED_MODEL):
             if (home / "model_index.json").is_file():
                 return home
-    print("No trained model found: training the built-in shapes model (VAE in seven stages, DiT in five)...")
+    stages = collections.Counter(Path(script).name for script, *_ in TRAINING_STEPS)
+    print(f"No trained model found: training the built-in shapes model ({stages['train_vae.py']} VAE stages, "
+          f"{stages['train_dit.py']} DiT stages)...")
     for step in TRAINING_STEPS:
         subprocess.run([sys.executable, *step], cwd=REPO, check=True)
     return TRAINED_MODEL
