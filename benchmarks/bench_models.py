@@ -365,11 +365,17 @@ def profile(args, spec: str, steps: int = 3, row_limit: int = 20) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     profiled_ops = ("forward+backward",) if family == "dit" else VAE_OPS
+    ops_by_kind = {}
     for kind in ("ours", "wan"):
         model = build_model(family, kind, size).to(device)
-        ops = model_ops(family, kind, size, model, parse_video(video, family), args.batch_size, device)
+        ops_by_kind[kind] = model_ops(family, kind, size, model, parse_video(video, family), args.batch_size, device)
+    # Warm up every op of both models before profiling either: the first large matmuls of a process run up
+    # to twice as slow even after a warm-up call of their own, which would count against the model profiled first.
+    for ops in ops_by_kind.values():
         for op in profiled_ops:
-            ops[op]()  # warm-up
+            ops[op]()
+    for kind, ops in ops_by_kind.items():
+        for op in profiled_ops:
             with torch_profile(activities=activities) as prof:
                 for _ in range(steps):
                     ops[op]()

@@ -104,6 +104,20 @@ def test_bench_models_rejects_an_invalid_video():
         bench_models.main(["--dit_sizes", "tiny", "--dit_videos", "16x64x64", "--vae_sizes", "--no_memory"])
 
 
+def test_profile_warms_both_models_before_profiling_either(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(bench_models, "build_model", lambda family, kind, size: torch.nn.Identity())
+    monkeypatch.setattr(
+        bench_models, "model_ops",
+        lambda family, kind, *args: {"forward+backward": lambda: calls.append(kind)},
+    )  # fmt: skip
+    args = bench_models.parse_args(["--profile", f"dit:tiny:{TINY_VIDEO}", "--device", "cpu"])
+    bench_models.profile(args, args.profile, steps=2)
+    assert calls == ["ours", "wan", "ours", "ours", "wan", "wan"]  # one warm-up each, then the profiled calls
+    out = capsys.readouterr().out
+    assert f"## ours: dit tiny, video {TINY_VIDEO}" in out and f"## wan: dit tiny, video {TINY_VIDEO}" in out
+
+
 # --------------------------------------------------------------------------------------------------
 # bench_vae_memory (the one test with a worker subprocess)
 # --------------------------------------------------------------------------------------------------
