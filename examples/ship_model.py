@@ -5,7 +5,7 @@
 
 Keeps the model card (README.md), the training config and the final sample GIFs; drops checkpoints, logs
 and validation videos. float16 halves the size (the shapes model: about 24 MB); `from_pretrained` without
-`torch_dtype` loads it back as float32. `--vae` ships another VAE in place of the pipeline's: one whose
+`dtype` loads it back as float32. `--vae` ships another VAE in place of the pipeline's: one whose
 decoder was fine-tuned afterwards (training/train_vae.py with `train_decoder_only`); its encoder and latent
 statistics must be the pipeline's, since the transformer was trained on those latents.
 """
@@ -25,7 +25,7 @@ KEPT_FILES = ("README.md", "training_config.yaml")
 
 def load_matching_vae(path: Path, pipe: NanoI2VPipeline) -> AutoencoderKLNanoI2V:
     """The VAE at `path`, if it makes the same latents as the pipeline's VAE (same encoder and statistics)."""
-    vae = AutoencoderKLNanoI2V.from_pretrained(path, torch_dtype=pipe.vae.dtype)
+    vae = AutoencoderKLNanoI2V.from_pretrained(path, dtype=pipe.vae.dtype)
     for key in ("latents_mean", "latents_std"):
         if vae.config[key] != pipe.vae.config[key]:
             raise ValueError(
@@ -42,7 +42,7 @@ def load_matching_vae(path: Path, pipe: NanoI2VPipeline) -> AutoencoderKLNanoI2V
 def ship(source: Path, target: Path, vae: Optional[Path] = None) -> int:
     """Write `source` (with the VAE at `vae`, if given) to `target` in float16; returns the weights' size in bytes."""
     # Loaded straight into float16: casting with `.to()` makes diffusers warn about fp32-kept modules.
-    pipe = NanoI2VPipeline.from_pretrained(source, torch_dtype=torch.float16)
+    pipe = NanoI2VPipeline.from_pretrained(source, dtype=torch.float16)
     if vae is not None:
         pipe.vae = load_matching_vae(vae, pipe)
     if target.exists():

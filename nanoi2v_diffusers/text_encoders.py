@@ -61,9 +61,9 @@ def verify_minilm(path: Optional[Path] = None, expected_sha256: str = MINILM_SHA
     return path
 
 
-def load_minilm(torch_dtype: Optional[torch.dtype] = None) -> Tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_minilm(dtype: Optional[torch.dtype] = None) -> Tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The hash-checked all-MiniLM-L6-v2 `BertModel` (frozen, eval mode) and its tokenizer, offline."""
-    return load_text_encoder(None, torch_dtype)
+    return load_text_encoder(None, dtype)
 
 
 def null_text_embeds(
@@ -158,7 +158,7 @@ def _encoder_class(folder: Path):
 
 
 def load_text_encoder(
-    path: Optional[str] = None, torch_dtype: Optional[torch.dtype] = None
+    path: Optional[str] = None, dtype: Optional[torch.dtype] = None
 ) -> Tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A frozen text encoder + tokenizer: the built-in MiniLM (hash-checked) when `path` is None, else a
     local transformers folder (safetensors only)."""
@@ -167,7 +167,7 @@ def load_text_encoder(
         raise ValueError(f"text_encoder={str(path)!r} is not a folder holding a transformers model.")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     text_encoder = _encoder_class(folder).from_pretrained(
-        folder, local_files_only=True, use_safetensors=True, dtype=torch_dtype
+        folder, local_files_only=True, use_safetensors=True, dtype=dtype
     )
     text_encoder.requires_grad_(False).eval()
     return text_encoder, tokenizer

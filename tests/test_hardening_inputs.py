@@ -305,7 +305,7 @@ def test_float16_works_on_this_cpu_build(pipe):
 
 
 def test_float16_pipeline_runs_end_to_end_on_cpu(saved_pipe):
-    half = NanoI2VPipeline.from_pretrained(saved_pipe, torch_dtype=torch.float16)
+    half = NanoI2VPipeline.from_pretrained(saved_pipe, dtype=torch.float16)
     half.set_progress_bar_config(disable=True)
     frames = run(half, output_type="np")
     assert frames.shape == (1, FRAMES, SIZE, SIZE, 3) and np.isfinite(frames).all()

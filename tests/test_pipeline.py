@@ -355,7 +355,7 @@ class TestNanoI2VPipeline:
 
     def test_from_pretrained_with_dtype_and_component_override(self, tmp_path):
         self.get_pipe().save_pretrained(tmp_path)
-        loaded = NanoI2VPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+        loaded = NanoI2VPipeline.from_pretrained(tmp_path, dtype=torch.bfloat16)
         assert loaded.transformer.dtype == torch.bfloat16 and loaded.vae.dtype == torch.bfloat16
         other_scheduler = NanoI2VFlowMatchScheduler(shift=1.0, solver="heun")
         overridden = NanoI2VPipeline.from_pretrained(tmp_path, scheduler=other_scheduler)
