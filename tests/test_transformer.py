@@ -9,6 +9,7 @@ from nanoi2v_diffusers.models.transformer_nanoi2v import (
     TRANSFORMER_PRESETS,
     NanoI2VRotaryPosEmbed,
     NanoI2VTransformer3DModel,
+    QKRMSNorm,
     _full_attention,
     _spatial_attention,
     _temporal_attention,
@@ -236,6 +237,32 @@ def test_bf16_forward_on_cpu():
     assert torch.isfinite(sample).all()
     relative_error = (sample.float() - reference).norm() / reference.norm()
     assert relative_error < 0.05
+
+
+def test_bf16_autocast_forward_uses_one_dtype_in_qk_norm(monkeypatch):
+    """Under bf16 autocast (float32 weights), QK-norm gets bf16 queries and keys: its weight is cast to
+    match, so torch's fused RMSNorm kernel runs (a dtype mismatch falls back to separate ops and warns)."""
+    calls = []
+    rms_norm = F.rms_norm
+
+    def recording_rms_norm(x, shape, weight=None, eps=None):
+        calls.append((x.dtype, weight.dtype))
+        return rms_norm(x, shape, weight, eps)
+
+    monkeypatch.setattr(F, "rms_norm", recording_rms_norm)
+    model = make_model()
+    inputs = make_inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        sample = model(*inputs[:3], condition=inputs[3]).sample
+    assert torch.isfinite(sample).all()
+    assert calls and all(pair == (torch.bfloat16, torch.bfloat16) for pair in calls)
+    norm = QKRMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 5, 16)
+    reference = torch.nn.RMSNorm(16, eps=1e-6)
+    reference.load_state_dict(norm.state_dict())  # same parameter names: saved models load unchanged
+    torch.testing.assert_close(norm(x), reference(x), rtol=0, atol=0)
 
 
 def test_blocks_compile_without_graph_breaks():

@@ -69,6 +69,20 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return torch.addcmul(shift, x, 1 + scale)  # one fused pass for x * (1 + scale) + shift
 
 
+class QKRMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` with its weight cast to the input's dtype. Under bf16 autocast the projections give
+    bf16 queries and keys while the weight stays float32, and torch's fused RMSNorm kernel needs one
+    dtype for both (otherwise it falls back to separate ops, with a warning). It still accumulates in
+    float32; in float32 nothing changes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
+def _qk_norm(head_dim: int, enabled: bool, eps: float) -> nn.Module:
+    return QKRMSNorm(head_dim, eps=eps) if enabled else nn.Identity()
+
+
 class NanoI2VRotaryPosEmbed(nn.Module):
     """3D rotary position embedding for any (T', H', W') patch grid, computed at call time.
 
@@ -160,8 +174,8 @@ class NanoI2VSelfAttention(nn.Module):
         self.num_heads = num_heads
         self.attend = _ATTENTION_FUNCTIONS[axes]
         self.to_qkv = nn.Linear(dim, 3 * num_heads * head_dim)
-        self.norm_q = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_q = _qk_norm(head_dim, qk_norm, eps)
+        self.norm_k = _qk_norm(head_dim, qk_norm, eps)
         self.to_out = nn.Linear(num_heads * head_dim, dim)
 
     def forward(
@@ -186,8 +200,8 @@ class NanoI2VCrossAttention(nn.Module):
         self.num_heads = num_heads
         self.to_q = nn.Linear(dim, num_heads * head_dim)
         self.to_kv = nn.Linear(dim, 2 * num_heads * head_dim)
-        self.norm_q = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = nn.RMSNorm(head_dim, eps=eps) if qk_norm else nn.Identity()
+        self.norm_q = _qk_norm(head_dim, qk_norm, eps)
+        self.norm_k = _qk_norm(head_dim, qk_norm, eps)
         self.to_out = nn.Linear(num_heads * head_dim, dim)
 
     def forward(
