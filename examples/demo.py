@@ -30,8 +30,9 @@ TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage6"
 DEMO_DIR = REPO / "outputs" / "demo"
 
 # The recipe of the built-in model, in order (README "Training"): the VAE on first frames, on clips, then
-# its decoder alone nine times (from the second on weighting frame 0); the DiT on 4000 cached clips, then
-# continued on 8000, 16000 and 32000, and twice more on the same 32000.
+# its decoder alone, stage after stage (from the second on weighting frame 0); the DiT on 4000 cached
+# clips, then continued on 8000, 16000 and 32000, and longer on the same 32000. Stage counts are not
+# spelled out here (they drifted with every new stage): `find_or_train_model` counts them.
 TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_images.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64.yaml"],
