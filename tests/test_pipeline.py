@@ -277,6 +277,27 @@ class TestNanoI2VPipeline:
         theirs = pipe(**self.get_dummy_inputs(output_type="latent")).frames
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
+    def test_compiled_blocks_make_one_graph_for_all_blocks_and_steps(self):
+        # The GPU recipe compiles the repeated blocks once. Anything a block specialises on that differs
+        # between blocks or steps (a per-block Python attribute, a Python number taken from the
+        # timestep) would recompile, which raises here. The eager backend traces and guards as
+        # inductor does, without compiling kernels.
+        from torch._dynamo.utils import counters
+
+        pipe = self.get_pipe()
+        reference = pipe(**self.get_dummy_inputs(num_inference_steps=3, output_type="latent")).frames
+        torch._dynamo.reset()
+        counters.clear()
+        pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+        try:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled = pipe(**self.get_dummy_inputs(num_inference_steps=3, output_type="latent")).frames
+                pipe(**self.get_dummy_inputs(seed=1, num_inference_steps=4, output_type="latent"))
+            assert counters["stats"]["unique_graphs"] == 1
+        finally:
+            torch._dynamo.reset()
+        torch.testing.assert_close(compiled, reference)
+
     # ------------------------------------------------------------------ callbacks
 
     def test_callback_can_stop_early(self):
