@@ -341,6 +341,10 @@ class NanoI2VPipeline(DiffusionPipeline):
         return self._num_timesteps
 
     @property
+    def attention_kwargs(self) -> Optional[Dict[str, Any]]:
+        return self._attention_kwargs
+
+    @property
     def interrupt(self) -> bool:
         return self._interrupt
 
@@ -367,6 +371,7 @@ class NanoI2VPipeline(DiffusionPipeline):
             encoder_hidden_states=torch.cat([_pad_tokens(e, length) for _, e, _ in branches]),
             encoder_attention_mask=torch.cat([_pad_tokens(m, length) for _, _, m in branches]),
             condition=torch.cat([c for c, _, _ in branches]),
+            attention_kwargs=self._attention_kwargs,
             return_dict=False,
         )[0]
         parts = velocity.chunk(n)
@@ -400,6 +405,7 @@ class NanoI2VPipeline(DiffusionPipeline):
         negative_prompt_attention_mask: Optional[torch.Tensor] = None,
         output_type: str = "np",
         return_dict: bool = True,
+        attention_kwargs: Optional[Dict[str, Any]] = None,
         callback_on_step_end: Optional[
             Union[Callable[[Any, int, torch.Tensor, Dict], Dict], PipelineCallback, MultiPipelineCallbacks]
         ] = None,
@@ -432,6 +438,8 @@ class NanoI2VPipeline(DiffusionPipeline):
             prompt_attention_mask, negative_prompt_attention_mask (`torch.Tensor`, *optional*): their masks.
             output_type (`str`, defaults to "np"): "np" `(B, F, H, W, C)`, "pt" `(B, F, C, H, W)`, "pil" or "latent".
             return_dict (`bool`, defaults to True): return a [`NanoI2VPipelineOutput`] instead of a tuple.
+            attention_kwargs (`dict`, *optional*): passed to the transformer; `{"scale": s}` scales its LoRA
+                adapters for this call.
             callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, i, t, tensors)` after each
                 model evaluation; may return new values for the tensors it was given; set `pipe._interrupt = True`
                 to stop early.
@@ -454,6 +462,7 @@ class NanoI2VPipeline(DiffusionPipeline):
         )
         self._guidance_scale = guidance_scale
         self._image_guidance_scale = image_guidance_scale if images is not None else None
+        self._attention_kwargs = attention_kwargs
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype

@@ -277,6 +277,19 @@ class TestNanoI2VPipeline:
         theirs = pipe(**self.get_dummy_inputs(output_type="latent")).frames
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
+    def test_attention_kwargs_scale_the_transformers_lora(self):
+        from peft import LoraConfig
+
+        pipe = self.get_pipe()
+        base = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        targets = ["to_qkv", "to_q", "to_kv", "to_out"]
+        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        with_lora = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        scaled_off = pipe(**self.get_dummy_inputs(output_type="latent"), attention_kwargs={"scale": 0.0}).frames
+        assert not torch.allclose(with_lora, base, atol=1e-4)
+        torch.testing.assert_close(scaled_off, base)
+        assert pipe.attention_kwargs == {"scale": 0.0}
+
     def test_compiled_blocks_make_one_graph_for_all_blocks_and_steps(self):
         # The GPU recipe compiles the repeated blocks once. Anything a block specialises on that differs
         # between blocks or steps (a per-block Python attribute, a Python number taken from the
