@@ -1,7 +1,7 @@
 """Score a trained shapes pipeline on fresh validation scenes, next to the static baseline.
 
     python examples/evaluate.py --model examples/nanoi2v-shapes-64 --n 64 --steps 20 \
-        [--guidance 5] [--seed 0] [--heun] [--shift 3] [--batch-size 8] [--out outputs/eval.json]
+        [--guidance 5] [--seed 0] [--heun] [--shift 3] [--first-block-cache T] [--batch-size 8] [--out outputs/eval.json]
 
 Prints a markdown table (model vs the "repeat the first frame" baseline, with the project's
 targets) and writes every number, with the settings that produced it, to the JSON file.
@@ -80,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="which block of --n validation scenes (and their noise); seeds never share a scene")
     parser.add_argument("--heun", action="store_true", help="second-order Heun sampler instead of Euler")
     parser.add_argument("--shift", type=float, default=None, help="timestep shift (default: the saved scheduler's)")
+    parser.add_argument("--first-block-cache", type=float, default=None, metavar="THRESHOLD",
+                        help="diffusers' First Block Cache: skip the later blocks at steps where the first changed less")
     parser.add_argument("--batch-size", type=int, default=8, help="videos per pipeline call")
     parser.add_argument("--no-text-swap", action="store_true", help="skip the second-caption videos (halves the time)")
     parser.add_argument("--out", default="outputs/eval.json")
@@ -88,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, heun=args.heun, shift=args.shift)
+    pipe = load_pipeline(args.model, heun=args.heun, shift=args.shift, first_block_cache=args.first_block_cache)
     results = evaluate_pipeline(
         pipe,
         num_scenes=args.n,
@@ -99,7 +101,9 @@ def main(argv=None) -> dict:
         text_swap=not args.no_text_swap,
     )
     results["model_path"] = args.model
-    results["settings"].update(solver=pipe.scheduler.config.solver, shift=pipe.scheduler.config.shift)
+    results["settings"].update(
+        solver=pipe.scheduler.config.solver, shift=pipe.scheduler.config.shift, first_block_cache=args.first_block_cache
+    )
     print(format_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

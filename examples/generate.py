@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from diffusers.hooks import FirstBlockCacheConfig
 from PIL import Image
 
 from nanoi2v_diffusers import NanoI2VPipeline
@@ -21,10 +22,14 @@ from nanoi2v_diffusers.text_encoders import load_minilm
 FPS = 8
 
 
-def load_pipeline(model: str, heun: bool = False, shift: Optional[float] = None) -> NanoI2VPipeline:
+def load_pipeline(
+    model: str, heun: bool = False, shift: Optional[float] = None, first_block_cache: Optional[float] = None
+) -> NanoI2VPipeline:
     """Load a pipeline folder or Hub id; fill in the built-in text encoder when it was saved without one.
 
     `heun` and `shift` replace the saved scheduler's solver and timestep shift; the rest of its config stays.
+    `first_block_cache` turns on diffusers' First Block Cache with that threshold: a step whose first block
+    changed its output by less than this (relative) reuses the other blocks' residual from the step before.
     """
     pipe = NanoI2VPipeline.from_pretrained(model)
     if pipe.text_encoder is None:
@@ -35,6 +40,8 @@ def load_pipeline(model: str, heun: bool = False, shift: Optional[float] = None)
         overrides["shift"] = shift
     if overrides:
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **overrides)
+    if first_block_cache is not None:
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=first_block_cache))
     return pipe
 
 
@@ -56,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=5.0, help="text guidance scale (1 = off)")
     parser.add_argument("--heun", action="store_true", help="second-order Heun sampler instead of Euler")
     parser.add_argument("--shift", type=float, default=None, help="timestep shift (default: the saved scheduler's)")
+    parser.add_argument("--first-block-cache", type=float, default=None, metavar="THRESHOLD",
+                        help="diffusers' First Block Cache: skip the later blocks at steps where the first changed less")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=FPS)
     parser.add_argument("--out", default="outputs/generated.mp4", help=".mp4 or .gif")
@@ -64,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, heun=args.heun, shift=args.shift)
+    pipe = load_pipeline(args.model, heun=args.heun, shift=args.shift, first_block_cache=args.first_block_cache)
     image = Image.open(args.image).convert("RGB") if args.image else None
     video = pipe(
         image=image,

@@ -345,6 +345,12 @@ class NanoI2VPipeline(DiffusionPipeline):
         return self._attention_kwargs
 
     @property
+    def current_timestep(self) -> Optional[torch.Tensor]:
+        """The timestep being denoised (None outside the loop); diffusers' cache configs read it through
+        `current_timestep_callback=lambda: pipe.current_timestep`."""
+        return self._current_timestep
+
+    @property
     def interrupt(self) -> bool:
         return self._interrupt
 
@@ -365,15 +371,16 @@ class NanoI2VPipeline(DiffusionPipeline):
 
         length = max(b[1].shape[1] for b in branches)
         n = len(branches)
-        velocity = self.transformer(
-            hidden_states=torch.cat([latents] * n),
-            timestep=timestep.repeat(n),
-            encoder_hidden_states=torch.cat([_pad_tokens(e, length) for _, e, _ in branches]),
-            encoder_attention_mask=torch.cat([_pad_tokens(m, length) for _, _, m in branches]),
-            condition=torch.cat([c for c, _, _ in branches]),
-            attention_kwargs=self._attention_kwargs,
-            return_dict=False,
-        )[0]
+        with self.transformer.cache_context("cond_uncond"):  # all branches in one call: one state for caches
+            velocity = self.transformer(
+                hidden_states=torch.cat([latents] * n),
+                timestep=timestep.repeat(n),
+                encoder_hidden_states=torch.cat([_pad_tokens(e, length) for _, e, _ in branches]),
+                encoder_attention_mask=torch.cat([_pad_tokens(m, length) for _, _, m in branches]),
+                condition=torch.cat([c for c, _, _ in branches]),
+                attention_kwargs=self._attention_kwargs,
+                return_dict=False,
+            )[0]
         parts = velocity.chunk(n)
         if n == 1:
             return parts[0]
@@ -463,6 +470,7 @@ class NanoI2VPipeline(DiffusionPipeline):
         self._guidance_scale = guidance_scale
         self._image_guidance_scale = image_guidance_scale if images is not None else None
         self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
         self._interrupt = False
         device = self._execution_device
         dtype = self.transformer.dtype
@@ -507,6 +515,7 @@ class NanoI2VPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
+                self._current_timestep = t
                 velocity = self._guided_velocity(
                     latents.to(dtype), t.expand(batch_size).to(dtype), condition, null_condition,
                     (embeds, mask), (null_embeds, null_mask),
@@ -528,6 +537,7 @@ class NanoI2VPipeline(DiffusionPipeline):
         if image_latents is not None:
             latents[:, :, :1] = image_latents.to(latents.dtype)
 
+        self._current_timestep = None
         frames = latents if output_type == "latent" else self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -290,6 +290,64 @@ class TestNanoI2VPipeline:
         torch.testing.assert_close(scaled_off, base)
         assert pipe.attention_kwargs == {"scale": 0.0}
 
+    def test_first_block_cache_skips_the_later_blocks_and_resets_between_calls(self):
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        pipe = self.get_pipe()
+        steps = 4
+        reference = pipe(**self.get_dummy_inputs(num_inference_steps=steps, output_type="latent")).frames
+        computed = []  # block indices, in order, each time a block really runs (not served from the cache)
+        for index, block in enumerate(pipe.transformer.blocks):
+            block.attn1.register_forward_hook(lambda *_, index=index: computed.append(index))
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never reuses
+        cached = pipe(**self.get_dummy_inputs(num_inference_steps=steps, output_type="latent")).frames
+        torch.testing.assert_close(cached, reference)
+        assert computed == [0, 1] * steps
+        pipe.transformer.disable_cache()
+
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=1e9))  # reuses at every step it can
+        for _ in range(2):  # the second call must not start from the first call's cached residual
+            computed.clear()
+            cached = pipe(**self.get_dummy_inputs(num_inference_steps=steps, output_type="latent")).frames
+            assert computed == [0, 1] + [0] * (steps - 1)
+        assert not torch.allclose(cached, reference, atol=1e-4)
+
+    @pytest.mark.parametrize("cache", ["mag", "taylorseer"])
+    def test_other_block_caches_skip_steps_and_disable_cleanly(self, cache):
+        from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig
+
+        steps = 8
+        config = {
+            "mag": MagCacheConfig(num_inference_steps=steps, mag_ratios=[1.0] * steps, threshold=0.5),
+            "taylorseer": TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1,
+                                                cache_identifiers=[r"^blocks\.\d+$"]),  # fmt: skip
+        }[cache]
+        pipe = self.get_pipe()
+        def inputs():
+            return self.get_dummy_inputs(num_inference_steps=steps, output_type="latent")
+
+        reference = pipe(**inputs()).frames
+        computed = []
+        pipe.transformer.blocks[-1].attn1.register_forward_hook(lambda *_: computed.append(1))
+        pipe.transformer.enable_cache(config)
+        cached = pipe(**inputs()).frames
+        assert 0 < len(computed) < steps and torch.isfinite(cached).all()
+        pipe.transformer.disable_cache()
+        torch.testing.assert_close(pipe(**inputs()).frames, reference)
+
+    def test_current_timestep_is_the_step_being_denoised(self):
+        pipe = self.get_pipe()
+        seen = []
+
+        def record(pipe, i, t, tensors):
+            seen.append((pipe.current_timestep, t))
+            return {}
+
+        pipe(**self.get_dummy_inputs(num_inference_steps=3), callback_on_step_end=record)
+        assert len(seen) == 3 and all(current is t for current, t in seen)
+        assert pipe.current_timestep is None
+
     def test_compiled_blocks_make_one_graph_for_all_blocks_and_steps(self):
         # The GPU recipe compiles the repeated blocks once. Anything a block specialises on that differs
         # between blocks or steps (a per-block Python attribute, a Python number taken from the

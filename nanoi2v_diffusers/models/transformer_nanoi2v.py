@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import FeedForward
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
@@ -317,7 +318,17 @@ class NanoI2VTransformerBlock(nn.Module):
         return torch.addcmul(hidden_states, ff_output, ffn_gate)
 
 
-class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
+def _register_block_for_caches() -> None:
+    """Tell diffusers' cache hooks where a block's hidden states are: its first argument and its only output.
+
+    Done on first use, not at import: diffusers' registry imports all of its own transformers first (seconds)."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    metadata = TransformerBlockMetadata(return_hidden_states_index=0, return_encoder_hidden_states_index=None)
+    TransformerBlockRegistry.register(model_class=NanoI2VTransformerBlock, metadata=metadata)
+
+
+class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
     r"""
     Diffusion transformer for image-to-video flow matching: predicts the velocity `noise - x0`.
 
@@ -409,6 +420,15 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
         self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
         self.gradient_checkpointing = False
         self._zero_init_outputs()
+
+    def enable_cache(self, config) -> None:
+        """Turn on one of diffusers' step caches, as on its own transformers (`CacheMixin.enable_cache`).
+
+        Block-level caches work as they are: `FirstBlockCacheConfig`, `MagCacheConfig`; `TaylorSeerCacheConfig`
+        with `cache_identifiers=[r"^blocks\\.\\d+$"]`. The attention-level ones (Pyramid Attention Broadcast,
+        FasterCache) look for diffusers' `Attention` modules, which this model does not use."""
+        _register_block_for_caches()
+        super().enable_cache(config)
 
     @staticmethod
     def _check_config(patch_size, in_channels, out_channels, attention_head_dim, attention_type):
