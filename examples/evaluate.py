@@ -1,7 +1,8 @@
 """Score a trained shapes pipeline on fresh validation scenes, next to the static baseline.
 
     python examples/evaluate.py --model examples/nanoi2v-shapes-64 --n 64 --steps 20 \
-        [--guidance 5] [--seed 0] [--heun] [--shift 3] [--first-block-cache T] [--batch-size 8] [--out outputs/eval.json]
+        [--guidance 5] [--seed 0] [--heun] [--shift 3] [--first-block-cache T]
+        [--swap-motions-negative [--negative-guidance S]] [--batch-size 8] [--out outputs/eval.json]
 
 Prints a markdown table (model vs the "repeat the first frame" baseline, with the project's
 targets) and writes every number, with the settings that produced it, to the JSON file.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from generate import load_pipeline  # examples/ is on sys.path when this file runs as a script
 
+from nanoi2v_diffusers.data import swap_motions
 from nanoi2v_diffusers.evaluation.shapes_metrics import evaluate_pipeline
 
 # (key in the results, label, target); the targets are the project's (issue 6).
@@ -82,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shift", type=float, default=None, help="timestep shift (default: the saved scheduler's)")
     parser.add_argument("--first-block-cache", type=float, default=None, metavar="THRESHOLD",
                         help="diffusers' First Block Cache: skip the later blocks at steps where the first changed less")
+    parser.add_argument("--swap-motions-negative", action="store_true",
+                        help="negative prompt: the caption with the objects' motions exchanged (data.swap_motions)")
+    parser.add_argument("--negative-guidance", type=float, default=None, metavar="S",
+                        help="give the negative prompt its own guidance term of this scale (negative_guidance_scale)")
     parser.add_argument("--batch-size", type=int, default=8, help="videos per pipeline call")
     parser.add_argument("--no-text-swap", action="store_true", help="skip the second-caption videos (halves the time)")
     parser.add_argument("--out", default="outputs/eval.json")
@@ -99,6 +105,8 @@ def main(argv=None) -> dict:
         seed=args.seed,
         batch_size=args.batch_size,
         text_swap=not args.no_text_swap,
+        negative_prompt=swap_motions if args.swap_motions_negative else None,
+        negative_guidance_scale=args.negative_guidance,
     )
     results["model_path"] = args.model
     results["settings"].update(

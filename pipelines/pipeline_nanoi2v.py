@@ -241,6 +241,7 @@ class NanoI2VPipeline(DiffusionPipeline):
         callback_on_step_end_tensor_inputs,
         num_videos_per_prompt: int = 1,
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        negative_guidance_scale: Optional[float] = None,
     ):
         patch = self.transformer.config.patch_size[-1]
         why = f"VAE factor {self.vae_scale_factor_spatial} x patch size {patch}"
@@ -255,6 +256,14 @@ class NanoI2VPipeline(DiffusionPipeline):
         for name, value in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
             if value is not None and not value >= 1.0:
                 raise ValueError(f"`{name}` must be >= 1 (1 turns guidance off); got {value}.")
+        if negative_guidance_scale is not None:
+            if not negative_guidance_scale >= 0.0:
+                raise ValueError(f"`negative_guidance_scale` must be >= 0; got {negative_guidance_scale}.")
+            if negative_prompt is None and negative_prompt_embeds is None:
+                raise ValueError(
+                    "`negative_guidance_scale` guides away from a negative prompt: pass `negative_prompt` or "
+                    "`negative_prompt_embeds` too."
+                )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}; got {output_type!r}.")
         if callback_on_step_end_tensor_inputs is not None:
@@ -354,39 +363,47 @@ class NanoI2VPipeline(DiffusionPipeline):
     def interrupt(self) -> bool:
         return self._interrupt
 
-    def _guided_velocity(self, latents, timestep, condition, null_condition, text, null_text) -> torch.Tensor:
+    def _guided_velocity(self, latents, timestep, condition, null_condition, text, negative_text) -> torch.Tensor:
         """One batched transformer call for all guidance branches, combined into one velocity.
 
-        Two-way CFG (text): v = v(-text, +image) + s * (v(+text, +image) - v(-text, +image)).
-        Three-way (with `image_guidance_scale`): v = v(-, -) + s_img * (v(-text, +image) - v(-, -))
-                                                        + s * (v(+text, +image) - v(-text, +image)).
+        With v(text, image) the model's velocity and "-" a dropped condition:
+            v = v(-, +image) + s * (v(+text, +image) - v(-, +image))         text CFG (`guidance_scale` s > 1)
+                + (s_img - 1) * (v(-, +image) - v(-, -))                     `image_guidance_scale` s_img
+                + s_neg * (v(+text, +image) - v(negative, +image))           `negative_guidance_scale` s_neg
+        "-" text is the negative prompt unless `negative_guidance_scale` gives it a branch of its own.
         """
         embeds, mask = text
-        null_embeds, null_mask = null_text
-        branches = [(condition, embeds, mask)]
+        no_text = negative_text
+        branches = {"text": (condition, embeds, mask)}
+        if self._negative_guidance_scale is not None:
+            no_text = self._null_text(embeds.shape[0], embeds.device, embeds.dtype)
+            branches["negative"] = (condition, *negative_text)
         if self.do_classifier_free_guidance:
-            branches.append((condition, null_embeds, null_mask))
+            branches["no_text"] = (condition, *no_text)
         if self._image_guidance_scale is not None:
-            branches.append((null_condition, null_embeds, null_mask))
+            branches["no_image"] = (null_condition, *no_text)
 
-        length = max(b[1].shape[1] for b in branches)
-        n = len(branches)
+        inputs = list(branches.values())
+        length = max(e.shape[1] for _, e, _ in inputs)
+        n = len(inputs)
         with self.transformer.cache_context("cond_uncond"):  # all branches in one call: one state for caches
             velocity = self.transformer(
                 hidden_states=torch.cat([latents] * n),
                 timestep=timestep.repeat(n),
-                encoder_hidden_states=torch.cat([_pad_tokens(e, length) for _, e, _ in branches]),
-                encoder_attention_mask=torch.cat([_pad_tokens(m, length) for _, _, m in branches]),
-                condition=torch.cat([c for c, _, _ in branches]),
+                encoder_hidden_states=torch.cat([_pad_tokens(e, length) for _, e, _ in inputs]),
+                encoder_attention_mask=torch.cat([_pad_tokens(m, length) for _, _, m in inputs]),
+                condition=torch.cat([c for c, _, _ in inputs]),
                 attention_kwargs=self._attention_kwargs,
                 return_dict=False,
             )[0]
-        parts = velocity.chunk(n)
-        if n == 1:
-            return parts[0]
-        guided = parts[1] + self._guidance_scale * (parts[0] - parts[1])
-        if n == 3:
-            guided = guided + (self._image_guidance_scale - 1.0) * (parts[1] - parts[2])
+        v = dict(zip(branches, velocity.chunk(n)))
+        guided = v["text"]
+        if "no_text" in v:
+            guided = v["no_text"] + self._guidance_scale * (v["text"] - v["no_text"])
+        if "no_image" in v:
+            guided = guided + (self._image_guidance_scale - 1.0) * (v["no_text"] - v["no_image"])
+        if "negative" in v:
+            guided = guided + self._negative_guidance_scale * (v["text"] - v["negative"])
         return guided
 
     # ------------------------------------------------------------------ call
@@ -403,6 +420,7 @@ class NanoI2VPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         guidance_scale: float = 5.0,
         image_guidance_scale: Optional[float] = None,
+        negative_guidance_scale: Optional[float] = None,
         num_videos_per_prompt: int = 1,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
@@ -438,6 +456,10 @@ class NanoI2VPipeline(DiffusionPipeline):
             guidance_scale (`float`, defaults to 5.0): text guidance; 1 turns classifier-free guidance off.
             image_guidance_scale (`float`, *optional*): separate image guidance (three branches in one batch);
                 None uses the image in both branches.
+            negative_guidance_scale (`float`, *optional*): None makes the negative prompt CFG's unconditional
+                branch (as in diffusers). A number gives it a branch of its own, the unconditional one keeping no
+                text, and adds `negative_guidance_scale * (v(prompt) - v(negative_prompt))` to the guided
+                velocity (negation as in composable diffusion); it needs a negative prompt.
             num_videos_per_prompt (`int`, defaults to 1): videos per prompt.
             generator (`torch.Generator` or a list, one per video, *optional*): makes sampling deterministic.
             latents (`torch.Tensor`, *optional*): initial noise `(B, C, T, h, w)`.
@@ -465,10 +487,11 @@ class NanoI2VPipeline(DiffusionPipeline):
         self.check_inputs(
             images, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
             image_guidance_scale, prompt_embeds, negative_prompt_embeds, latents, output_type,
-            callback_on_step_end_tensor_inputs, num_videos_per_prompt, max_sequence_length,
+            callback_on_step_end_tensor_inputs, num_videos_per_prompt, max_sequence_length, negative_guidance_scale,
         )
         self._guidance_scale = guidance_scale
         self._image_guidance_scale = image_guidance_scale if images is not None else None
+        self._negative_guidance_scale = negative_guidance_scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
@@ -481,7 +504,7 @@ class NanoI2VPipeline(DiffusionPipeline):
         embeds, mask, null_embeds, null_mask = self.encode_prompt(
             prompt,
             negative_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            do_classifier_free_guidance=self.do_classifier_free_guidance or negative_guidance_scale is not None,
             num_videos_per_prompt=num_videos_per_prompt,
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,

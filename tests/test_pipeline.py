@@ -223,6 +223,27 @@ class TestNanoI2VPipeline:
         plain = pipe(**self.get_dummy_inputs(output_type="latent")).frames
         assert (with_image_guidance - plain).abs().max() > 1e-5
 
+    def test_negative_guidance_gets_its_own_branch_and_adds_linearly(self):
+        pipe = self.get_pipe()
+        negative = "a red circle moves right"
+
+        def run(**overrides):
+            inputs = self.get_dummy_inputs(num_inference_steps=1, output_type="latent", **overrides)
+            return pipe(**inputs).frames
+
+        recorder = CallRecorder(pipe.transformer)
+        at = {scale: run(negative_prompt=negative, negative_guidance_scale=scale) for scale in (0.0, 1.0, 2.0)}
+        masks = recorder.calls[0]["encoder_attention_mask"]  # branches: prompt, negative prompt, no text
+        assert masks.shape[0] == 3 and masks[0].sum() > 0 and masks[1].sum() > 0 and masks[2].sum() == 0
+        # Scale 0 is plain CFG against no text, whatever the negative prompt says ...
+        torch.testing.assert_close(at[0.0], run(), atol=1e-5, rtol=1e-4)
+        # ... and one Euler step is linear in the scale: the term is added, not mixed into CFG.
+        assert (at[1.0] - at[0.0]).abs().max() > 1e-4
+        torch.testing.assert_close(at[2.0] - at[0.0], 2 * (at[1.0] - at[0.0]), atol=1e-5, rtol=1e-4)
+        # The term is v(prompt) - v(negative): nothing when the negative prompt is the prompt.
+        same = run(negative_prompt=PROMPT, negative_guidance_scale=2.0)
+        torch.testing.assert_close(same, run(), atol=1e-5, rtol=1e-4)
+
     # ------------------------------------------------------------------ modes
 
     def test_text_to_video_without_image(self):
@@ -415,6 +436,8 @@ class TestNanoI2VPipeline:
             ({"prompt_embeds": torch.zeros(1, 2, TEXT_DIM)}, "either `prompt` or `prompt_embeds`"),
             ({"latents": torch.full((1, 4, 2, 4, 4), float("nan"))}, "NaN"),
             ({"latents": torch.zeros(1, 4, 3, 4, 4)}, "shape"),
+            ({"negative_guidance_scale": 2.0}, "pass `negative_prompt` or `negative_prompt_embeds` too"),
+            ({"negative_guidance_scale": -1.0, "negative_prompt": "x"}, "negative_guidance_scale` must be >= 0"),
         ],
     )
     def test_check_inputs(self, overrides, message):

@@ -18,6 +18,7 @@ from nanoi2v_diffusers.data import (
     read_video_frames,
     render_clip,
     sample_scene,
+    swap_motions,
     with_motion,
     write_shapes_folder,
 )
@@ -178,6 +179,23 @@ def test_same_objects_other_motion_keep_first_frame_change_video_and_caption():
         assert original.caption != swapped.caption
         assert swapped.caption == caption_for(others, seed)
         assert original.caption == generate_shapes_clip(seed, TINY).caption
+
+
+@pytest.mark.parametrize("num_objects", [2, 3])
+def test_swap_motions_hands_each_motion_to_the_next_object(num_objects):
+    config = ShapesConfig(canvas_size=64, num_frames=1, min_objects=num_objects, max_objects=num_objects,
+                          still_probability=0.3)  # fmt: skip
+    for seed in range(60):
+        clip = generate_shapes_clip(seed, config)
+        rotated = clip.objects[1:] + clip.objects[:1]
+        expected = with_motion(clip.objects, [o.direction for o in rotated], [o.speed for o in rotated])
+        assert swap_motions(clip.caption) == caption_for(expected, seed), clip.caption
+
+
+def test_swap_motions_needs_two_objects_in_the_caption_grammar():
+    assert swap_motions(generate_shapes_clip(0, ShapesConfig(max_objects=1)).caption) == ""
+    assert swap_motions("a red car moves left and a blue car moves right") == ""
+    assert swap_motions("") == ""
 
 
 def test_with_motion_rejects_bad_input():

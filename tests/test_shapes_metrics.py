@@ -14,6 +14,7 @@ from nanoi2v_diffusers.data import (
     ShapesDataset,
     generate_shapes_clip,
     render_clip,
+    swap_motions,
     with_motion,
 )
 from nanoi2v_diffusers.evaluation.shapes_metrics import (
@@ -244,11 +245,13 @@ class FakePipeline:
     def set_progress_bar_config(self, **kwargs):
         self._progress_bar_config = kwargs
 
-    def __call__(self, image, prompt, num_frames, num_inference_steps, guidance_scale, generator, output_type):
+    def __call__(self, image, prompt, num_frames, num_inference_steps, guidance_scale, generator, output_type,
+                 negative_prompt=None, negative_guidance_scale=None):  # fmt: skip
         assert output_type == "np" and len(image) == len(prompt) == len(generator)
         seeds = [g.initial_seed() for g in generator]
         quiet = self._progress_bar_config.get("disable", False)
-        self.calls.append(dict(prompts=prompt, seeds=seeds, steps=num_inference_steps, quiet=quiet))
+        self.calls.append(dict(prompts=prompt, seeds=seeds, steps=num_inference_steps, quiet=quiet,
+                               negative_prompts=negative_prompt, negative_scale=negative_guidance_scale))  # fmt: skip
         videos = []
         for frame, caption in zip(image, prompt):
             video = self.videos[(caption, np.asarray(frame).tobytes())]  # KeyError: not a validation scene
@@ -289,6 +292,21 @@ def test_evaluate_pipeline_with_a_perfect_fake():
     assert "frechet_distance" not in errors  # one number for the whole set, not a mean over scenes
 
 
+def test_evaluate_pipeline_passes_each_captions_negative_prompt():
+    pipe = FakePipeline(validation_clips(4))
+    plain = evaluate_pipeline(pipe, num_scenes=4, batch_size=3, progress=False)
+    assert plain["settings"]["negative_prompt"] is None and all(c["negative_prompts"] is None for c in pipe.calls)
+    pipe.calls.clear()
+    results = evaluate_pipeline(pipe, num_scenes=4, batch_size=3, negative_prompt=swap_motions,
+                                negative_guidance_scale=2.0, progress=False)  # fmt: skip
+    assert results["settings"]["negative_prompt"] == "swap_motions"
+    assert results["settings"]["negative_guidance_scale"] == 2.0
+    for call in pipe.calls:
+        assert call["negative_prompts"] == [swap_motions(prompt) for prompt in call["prompts"]]
+        assert call["negative_scale"] == 2.0
+    assert any(call["negative_prompts"] != [""] * len(call["prompts"]) for call in pipe.calls)  # two-object scenes
+
+
 def test_evaluation_seeds_pick_disjoint_scene_sets():
     seeds = [{scene["seed"] for scene in evaluate_pipeline(FakePipeline(validation_clips(5, seed)), num_scenes=5,
                                                            seed=seed, text_swap=False, progress=False)["scenes"]}
@@ -306,7 +324,10 @@ def test_evaluate_pipeline_with_a_static_fake_matches_the_baseline():
 def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
     fake_generate = types.ModuleType("generate")
 
-    def fake_load_pipeline(model, heun=False, shift=None):
+    loaded = {}
+
+    def fake_load_pipeline(model, heun=False, shift=None, first_block_cache=None):
+        loaded.update(first_block_cache=first_block_cache)
         pipe = FakePipeline(validation_clips(2))
         pipe.scheduler = NanoI2VFlowMatchScheduler(shift=1.0 if shift is None else shift)
         return pipe
@@ -318,6 +339,7 @@ def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, c
     spec.loader.exec_module(script)
     out = tmp_path / "eval.json"
     script.main(["--model", "fake", "--n", "2", "--steps", "2", "--batch-size", "4", "--shift", "2.5",
+                 "--first-block-cache", "0.1", "--swap-motions-negative", "--negative-guidance", "2",
                  "--out", str(out)])
     table = capsys.readouterr().out
     assert "| direction accuracy | 1.000 +- 0.000 |" in table and "static baseline" in table
@@ -325,7 +347,9 @@ def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, c
     written = json.loads(out.read_text())  # strict JSON: the perfect first frame's infinite PSNR is a string
     assert written["model"]["first_frame_psnr"] == "inf"
     assert written["settings"]["num_scenes"] == 2 and written["model_path"] == "fake"
-    assert written["settings"]["shift"] == 2.5  # the flag reached the loader and the record
+    settings = written["settings"]  # each flag reached the loader or the pipeline calls, and the record
+    assert settings["shift"] == 2.5 and settings["first_block_cache"] == loaded["first_block_cache"] == 0.1
+    assert settings["negative_prompt"] == "swap_motions" and settings["negative_guidance_scale"] == 2.0
 
 
 def test_paired_differences_of_a_perfect_and_a_static_model():

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -306,6 +307,41 @@ def _clause(obj: ShapeObject, article: str) -> str:
     else:
         motion = f"moves {_DIRECTION_WORDS[obj.direction]}{_SPEED_WORDS[obj.speed]}"
     return f"{article} {obj.colour} {obj.shape} {motion}"
+
+
+def _clause_pattern() -> "re.Pattern[str]":
+    """Matches one clause of `caption_for`: groups "subject" ("the red circle") and "motion" (with its speed)."""
+    # Longest first: "moves up and to the left" must not match as "moves up".
+    motions = sorted([f"moves {words}" for words in _DIRECTION_WORDS.values()] + ["stays still"], key=len, reverse=True)
+    speeds = [words for words in _SPEED_WORDS.values() if words]
+    articles = "|".join(_ARTICLES)
+    subject = rf"(?:{articles}) (?:{'|'.join(SHAPE_COLOURS)}) (?:{'|'.join(SHAPE_KINDS)})"
+    motion = rf"(?:{'|'.join(motions)})(?:{'|'.join(speeds)})?"
+    clause_end = rf"$|(?:{'|'.join(_JOINERS)})(?:{articles}) "  # the caption's end or the next clause
+    return re.compile(rf"\b(?P<subject>{subject}) (?P<motion>{motion})(?={clause_end})")
+
+
+_CLAUSE = _clause_pattern()
+
+
+def swap_motions(caption: str) -> str:
+    """The caption with each object's motion handed to the next object (two objects: exchanged), same wording
+    otherwise; "" when the caption names fewer than two objects in `caption_for`'s grammar.
+
+    A negative prompt for binding: a small DiT often gives an object its partner's motion, which guidance
+    against no text does not penalise (both captions name the same motions). Use it on a guidance term of its
+    own (`NanoI2VPipeline(..., negative_guidance_scale=2)`); as CFG's unconditional branch it loses objects.
+    README "Sampling against swapped motions" has the measurements.
+    """
+    clauses = list(_CLAUSE.finditer(caption))
+    if len(clauses) < 2:
+        return ""
+    motions = [clause.group("motion") for clause in clauses]
+    pieces, end = [], 0
+    for clause, motion in zip(clauses, motions[1:] + motions[:1]):
+        pieces += [caption[end : clause.start("motion")], motion]
+        end = clause.end("motion")
+    return "".join(pieces) + caption[end:]
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -24,7 +24,7 @@ centroid of a partly hidden object is not where the object is.
 import contextlib
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -417,15 +417,24 @@ def _inner_progress_bar_disabled(pipe):
 
 
 def _generate_videos(
-    pipe, clips: Sequence[ShapesClip], noise_seeds: Sequence[int], batch_size: int, progress: bool, **call_kwargs
+    pipe,
+    clips: Sequence[ShapesClip],
+    noise_seeds: Sequence[int],
+    batch_size: int,
+    progress: bool,
+    negative_prompt: Optional[Callable[[str], str]] = None,
+    **call_kwargs,
 ) -> Tuple[List[np.ndarray], float]:
     """Run `pipe` on the clips' first frames and captions in batches: videos (T, H, W, 3) floats
-    in [0, 1] and the seconds spent inside the pipeline."""
+    in [0, 1] and the seconds spent inside the pipeline. `negative_prompt` maps a caption to its
+    negative prompt."""
     videos, seconds = [], 0.0
     bar = tqdm(total=len(clips), desc="Generating evaluation videos", unit="video", disable=not progress)
     with bar, _inner_progress_bar_disabled(pipe):
         for start in range(0, len(clips), batch_size):
             batch = clips[start : start + batch_size]
+            if negative_prompt is not None:
+                call_kwargs["negative_prompt"] = [negative_prompt(clip.caption) for clip in batch]
             began = time.perf_counter()
             frames = pipe(
                 # PIL images: their value range (0-255) is unambiguous, unlike an integer array's.
@@ -487,6 +496,8 @@ def evaluate_pipeline(
     batch_size: int = 8,
     config: Optional[ShapesConfig] = None,
     text_swap: bool = True,
+    negative_prompt: Optional[Callable[[str], str]] = None,
+    negative_guidance_scale: Optional[float] = None,
     progress: bool = True,
 ) -> dict:
     """Generate videos for fresh shapes scenes and score them, next to the static baseline.
@@ -503,6 +514,9 @@ def evaluate_pipeline(
             num_inference_steps=, guidance_scale=, generator=, output_type="np")` signature
             returning an object whose `.frames` is (B, T, H, W, 3) in [0, 1].
         config: the shapes generator's settings (default: 64 x 64, 17 frames).
+        negative_prompt: maps each caption to the negative prompt it is generated with, e.g.
+            `nanoi2v_diffusers.data.swap_motions`; None generates without one (guidance against no text).
+        negative_guidance_scale: passed to the pipeline when given (see `NanoI2VPipeline.__call__`).
 
     Returns:
         `{"model": {metric: mean over scenes}, "model_standard_error": {metric: its standard error
@@ -520,14 +534,17 @@ def evaluate_pipeline(
     partners = [text_swap_partner(clip, config) for clip in clips] if text_swap else []
     jobs = clips + partners
     noise_seeds = [clip.seed for clip in jobs]  # a partner shares its scene's noise: only the text differs
+    extra = {} if negative_guidance_scale is None else {"negative_guidance_scale": negative_guidance_scale}
     videos, seconds = _generate_videos(
         pipe,
         jobs,
         noise_seeds,
         batch_size,
         progress,
+        negative_prompt,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
+        **extra,
     )
     generated, generated_partners = videos[:num_scenes], videos[num_scenes:]
     model, model_errors, baseline, scores, swaps = _score_with_baseline(
@@ -542,6 +559,8 @@ def evaluate_pipeline(
         batch_size=batch_size,
         canvas_size=config.canvas_size,
         num_frames=config.num_frames,
+        negative_prompt=None if negative_prompt is None else negative_prompt.__name__,
+        negative_guidance_scale=negative_guidance_scale,
     )
     scenes = [
         dict(seed=clip.seed, caption=clip.caption, directions=[obj.direction for obj in clip.objects], **asdict(score))
