@@ -2,17 +2,24 @@
 
     python benchmarks/bench_pipeline.py                              # 17x64x64 and 17x128x128, then VAE memory
     python benchmarks/bench_pipeline.py --videos 33x128x128 --steps 20 --no_vae_memory --out pipe.json
+    python benchmarks/bench_pipeline.py --model examples/nanoi2v-shapes-64 --videos 17x64x64 --steps 20 \
+        --first_block_cache 0.1 0.2 --no_vae_memory            # the shipped model, with step caching
 
 The pipeline is the built-in shapes model's architecture (transformer from
 training/configs/shapes_64.yaml, VAE preset "shapes-64", the built-in MiniLM text encoder) with
-random weights: speed does not depend on the weights. Variants, run interleaved, median of
-`--repeats` calls after `--warmup`:
+random weights: speed does not depend on the weights, except with a step cache. `--model DIR` takes a
+saved pipeline folder instead (e.g. examples/nanoi2v-shapes-64, whose text encoder is the built-in one).
+Variants, run interleaved, median of `--repeats` calls after `--warmup`:
 
 - `euler, CFG batched`: the pipeline as shipped, conditional and unconditional branches in one
   transformer call of batch 2;
 - `euler, CFG 2 calls`: the same, with each transformer call split into two calls of batch 1;
 - `euler, no CFG`: guidance_scale 1, one branch;
 - `heun, CFG batched`: the second-order solver (two transformer calls per step but the last);
+- `euler, CFG batched + negative guidance`: `negative_guidance_scale` with the prompt's swapped-motion
+  caption (`data.swap_motions`), a third branch in the batch;
+- `euler, CFG batched, first block cache T`: diffusers' First Block Cache at each `--first_block_cache`
+  threshold T (which steps it skips depends on the weights: use it with `--model`);
 - `euler, CFG batched, offload`: `enable_model_cpu_offload()`, only when a GPU is present.
 
 Columns: seconds per video (the whole call: text, image encoding, denoising, VAE decode), transformer
@@ -32,6 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import PIL.Image
 import torch
 import yaml
+from diffusers.hooks import FirstBlockCacheConfig
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from tqdm.auto import tqdm
 
@@ -54,7 +62,7 @@ from nanoi2v_diffusers import (
     NanoI2VTransformer3DModel,
 )
 from nanoi2v_diffusers.conditioning import num_condition_channels
-from nanoi2v_diffusers.data import ShapesConfig, generate_shapes_clip
+from nanoi2v_diffusers.data import ShapesConfig, generate_shapes_clip, swap_motions
 from nanoi2v_diffusers.models import TRANSFORMER_PRESETS, VAE_PRESETS
 from nanoi2v_diffusers.text_encoders import load_text_encoder
 
@@ -62,6 +70,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIT_CONFIG = REPO_ROOT / "training" / "configs" / "shapes_64.yaml"
 DEMO_TRANSFORMER = "demo"
 PROMPT = "a red circle moves left and a blue square moves up quickly"
+NEGATIVE_GUIDANCE = 2.0  # as `make demo`
 SHAPES_CANVAS_RANGE = (32, 256)  # the shapes generator's canvas limits, for the conditioning image
 DEFAULT_VIDEOS = ("17x64x64", "17x128x128")
 DEFAULT_VAE_FRAMES = (17, 33, 65, 129)
@@ -96,6 +105,11 @@ def transformer_kwargs(name: str) -> dict:
 
 
 def build_pipeline(args, solver: str, text_encoder, tokenizer) -> NanoI2VPipeline:
+    if args.model:
+        pipe = NanoI2VPipeline.from_pretrained(args.model, text_encoder=text_encoder, tokenizer=tokenizer)
+        pipe.scheduler = NanoI2VFlowMatchScheduler.from_config(pipe.scheduler.config, solver=solver)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(args.device)
     torch.manual_seed(0)
     vae = AutoencoderKLNanoI2V(**VAE_PRESETS[args.vae_preset]).eval()
     latent_channels = vae.config.latent_channels
@@ -214,7 +228,16 @@ def make_variants(args, pipes: Dict[str, NanoI2VPipeline], video: Tuple[int, int
         Variant("euler, CFG 2 calls", pipes["euler_split"], base, device, split_batch=True),
         Variant("euler, no CFG", pipes["euler_nocfg"], {**base, "guidance_scale": 1.0}, device),
         Variant("heun, CFG batched", pipes["heun"], base, device),
+        Variant(
+            "euler, CFG batched + negative guidance",
+            pipes["euler_negative"],
+            {**base, "negative_prompt": swap_motions(PROMPT), "negative_guidance_scale": NEGATIVE_GUIDANCE},
+            device,
+        ),
     ]
+    for threshold in args.first_block_cache:
+        name = f"euler, CFG batched, first block cache {threshold:g}"
+        variants.append(Variant(name, pipes[f"fbc_{threshold:g}"], base, device))
     if "offload" in pipes:
         variants.append(Variant("euler, CFG batched, offload", pipes["offload"], base, device))
     return variants
@@ -223,8 +246,11 @@ def make_variants(args, pipes: Dict[str, NanoI2VPipeline], video: Tuple[int, int
 def build_pipelines(args) -> Dict[str, NanoI2VPipeline]:
     """A separate pipeline per variant, so that each one's transformer wrapper stays in place."""
     text = load_text_encoder(args.text_encoder)  # frozen, so the pipelines can share it
-    pipes = {name: build_pipeline(args, solver, *text) for name, solver in
-             (("euler", "euler"), ("euler_split", "euler"), ("euler_nocfg", "euler"), ("heun", "heun"))}  # fmt: skip
+    names = ("euler", "euler_split", "euler_nocfg", "heun", "euler_negative",
+             *(f"fbc_{threshold:g}" for threshold in args.first_block_cache))  # fmt: skip
+    pipes = {name: build_pipeline(args, "heun" if name == "heun" else "euler", *text) for name in names}
+    for threshold in args.first_block_cache:
+        pipes[f"fbc_{threshold:g}"].transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
     if torch.device(args.device).type == "cuda":
         offload = build_pipeline(args, "euler", *load_text_encoder(args.text_encoder)).to("cpu")
         offload.enable_model_cpu_offload(device=args.device)
@@ -281,6 +307,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--transformer", default=DEMO_TRANSFORMER, choices=[DEMO_TRANSFORMER, *TRANSFORMER_PRESETS])
     parser.add_argument("--vae_preset", default="shapes-64", choices=sorted(VAE_PRESETS))
     parser.add_argument("--text_encoder", help="a local transformers folder; default: the built-in MiniLM")
+    parser.add_argument("--model", help="a saved pipeline folder: its weights instead of random ones")
+    parser.add_argument("--first_block_cache", type=float, nargs="*", default=[], metavar="T",
+                        help="also time diffusers' First Block Cache at these thresholds")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--vae_frames", type=int, nargs="+", default=list(DEFAULT_VAE_FRAMES))
@@ -302,12 +331,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[dict]]:
     device = torch.device(args.device)
     meta = environment_info(device, args.threads)
     meta.update(repeats=args.repeats, warmup=args.warmup, steps=args.steps, guidance_scale=args.guidance_scale,
-                transformer=args.transformer, vae_preset=args.vae_preset)  # fmt: skip
+                transformer=args.transformer, vae_preset=args.vae_preset, model=args.model)  # fmt: skip
     results = {"pipeline": [], "vae_decode_memory": []}
 
     if args.videos:
         results["pipeline"] = bench_speed(args, build_pipelines(args))
-        print(f"\nNanoI2VPipeline, transformer {args.transformer!r}, VAE {args.vae_preset!r}, device "
+        weights = f"transformer {args.transformer!r}, VAE {args.vae_preset!r}"
+        weights = f"weights of {args.model}" if args.model else weights
+        print(f"\nNanoI2VPipeline, {weights}, device "
               f"{meta['device_name']} ({args.device}), {args.threads} threads, {args.steps} steps, "
               f"median of {args.repeats} (+{args.warmup} warm-up)\n")  # fmt: skip
         print(markdown_table(results["pipeline"], COLUMNS))

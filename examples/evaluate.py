@@ -42,9 +42,16 @@ def format_number(value) -> str:
 def format_table(results: dict) -> str:
     """Markdown table of the model's metrics beside the static baseline's."""
     settings = results["settings"]
-    lines = [
+    header = (
         f"{settings['num_scenes']} {settings['split']} scenes, {settings['num_inference_steps']} steps, "
-        f"guidance {settings['guidance_scale']}, seed {settings['seed']}",
+        f"guidance {settings['guidance_scale']}, seed {settings['seed']}"
+    )
+    if settings.get("negative_prompt"):
+        header += f", negative prompt {settings['negative_prompt']}"
+        if settings.get("negative_guidance_scale") is not None:
+            header += f" on its own guidance {settings['negative_guidance_scale']}"
+    lines = [
+        header,
         "",
         "| metric | model +- standard error | static baseline | target |",
         "|---|---|---|---|",

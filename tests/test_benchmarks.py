@@ -19,7 +19,7 @@ import bench_models  # noqa: E402
 import bench_pipeline  # noqa: E402
 import bench_train_gpu  # noqa: E402
 import bench_vae_memory  # noqa: E402
-from nanoi2v_diffusers.text_encoders import save_tiny_random_text_encoder  # noqa: E402
+from nanoi2v_diffusers.text_encoders import load_text_encoder, save_tiny_random_text_encoder  # noqa: E402
 
 MIB = 2**20
 TINY_VIDEO = "5x32x32"  # 2 latent frames of 4 x 4: 8 DiT tokens
@@ -152,21 +152,37 @@ def test_bench_pipeline_smoke_counts_transformer_calls(tmp_path, tiny_text_encod
     results = bench_pipeline.main([
         "--videos", TINY_VIDEO, "--steps", str(steps), "--transformer", "tiny", "--vae_preset", "tiny",
         "--text_encoder", str(tiny_text_encoder), "--repeats", "1", "--warmup", "0", "--no_vae_memory",
-        "--device", "cpu", "--out", str(tmp_path / "pipeline.json"),
+        "--first_block_cache", "0.1", "--device", "cpu", "--out", str(tmp_path / "pipeline.json"),
     ])  # fmt: skip
     rows = {row["variant"]: row for row in results["pipeline"]}
-    assert set(rows) == {"euler, CFG batched", "euler, CFG 2 calls", "euler, no CFG", "heun, CFG batched"}
+    assert set(rows) == {"euler, CFG batched", "euler, CFG 2 calls", "euler, no CFG", "heun, CFG batched",
+                         "euler, CFG batched + negative guidance", "euler, CFG batched, first block cache 0.1"}
     assert (rows["euler, CFG batched"]["calls"], rows["euler, CFG batched"]["forwards"]) == (steps, steps)
     assert (rows["euler, CFG 2 calls"]["calls"], rows["euler, CFG 2 calls"]["forwards"]) == (steps, 2 * steps)
     assert rows["euler, no CFG"]["forwards"] == steps
     assert rows["heun, CFG batched"]["calls"] == 2 * steps - 1  # Heun: two evaluations per step but the last
     assert rows["euler, CFG batched"]["relative"] == 1.0
+    for name in ("euler, CFG batched + negative guidance", "euler, CFG batched, first block cache 0.1"):
+        assert rows[name]["calls"] == rows[name]["forwards"] == steps  # the extra branch rides in the same call
     assert all(row["tokens"] == 8 for row in rows.values())
     output = capsys.readouterr().out
     assert len(_table_lines(output, "video FxHxW")) == 2 + len(rows)
     assert "offload" in output  # says why offloading was not measured
     saved = json.loads((tmp_path / "pipeline.json").read_text())
     assert {row["table"] for row in saved["rows"]} == {"pipeline"}
+
+
+def test_bench_pipeline_times_a_saved_pipeline(tmp_path, tiny_text_encoder):
+    args = bench_pipeline.parse_args(["--transformer", "tiny", "--vae_preset", "tiny", "--device", "cpu"])
+    bench_pipeline.build_pipeline(args, "euler", *load_text_encoder(str(tiny_text_encoder))).save_pretrained(
+        tmp_path / "saved"
+    )
+    results = bench_pipeline.main([
+        "--model", str(tmp_path / "saved"), "--videos", TINY_VIDEO, "--steps", "2", "--text_encoder",
+        str(tiny_text_encoder), "--repeats", "1", "--warmup", "0", "--no_vae_memory", "--device", "cpu",
+    ])  # fmt: skip
+    rows = {row["variant"]: row for row in results["pipeline"]}
+    assert rows["heun, CFG batched"]["calls"] == 3 and rows["euler, CFG batched"]["calls"] == 2  # solver swapped in
 
 
 def test_split_batch_timer_matches_the_batched_forward():

@@ -343,6 +343,7 @@ def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, c
                  "--out", str(out)])
     table = capsys.readouterr().out
     assert "| direction accuracy | 1.000 +- 0.000 |" in table and "static baseline" in table
+    assert "negative prompt swap_motions on its own guidance 2.0" in table.splitlines()[0]
     assert "| Frechet distance (colour/motion features, not FVD) | 0.000 |" in table  # no standard error
     written = json.loads(out.read_text())  # strict JSON: the perfect first frame's infinite PSNR is a string
     assert written["model"]["first_frame_psnr"] == "inf"
