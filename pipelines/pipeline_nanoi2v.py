@@ -16,6 +16,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders.lora_pipeline import Mochi1LoraLoaderMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -71,7 +72,22 @@ class NanoI2VPipelineOutput(BaseOutput):
     frames: Union[np.ndarray, torch.Tensor, List[List[PIL.Image.Image]]]
 
 
-class NanoI2VPipeline(DiffusionPipeline):
+class NanoI2VLoraLoaderMixin(Mochi1LoraLoaderMixin):
+    r"""
+    `load_lora_weights`, `save_lora_weights`, `fuse_lora`, `set_adapters`, `unload_lora_weights` for the
+    transformer, as on diffusers' video pipelines. diffusers' Mochi loader is transformer-only and converts no
+    keys, so it serves any transformer with `PeftAdapterMixin`; this subclass only refuses pickle files (this
+    package loads safetensors only).
+    """
+
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("LoRA weights load from safetensors only; got use_safetensors=False.")
+        return super().lora_state_dict(pretrained_model_name_or_path_or_dict, **{**kwargs, "use_safetensors": True})
+
+
+class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
     r"""
     Image-to-video (and text-to-video, unconditional) generation with classifier-free guidance.
 

@@ -369,6 +369,36 @@ class TestNanoI2VPipeline:
         assert len(seen) == 3 and all(current is t for current, t in seen)
         assert pipe.current_timestep is None
 
+    def test_lora_weights_save_load_fuse_and_unload_through_the_pipeline(self, tmp_path):
+        from peft import LoraConfig
+        from peft.utils import get_peft_model_state_dict
+
+        pipe = self.get_pipe()
+        base = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        targets = ["to_qkv", "to_q", "to_kv", "to_out"]
+        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        with_lora = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        lora_layers = get_peft_model_state_dict(pipe.transformer)
+        self.pipeline_class.save_lora_weights(tmp_path, transformer_lora_layers=lora_layers)
+        assert [p.name for p in tmp_path.iterdir()] == ["pytorch_lora_weights.safetensors"]
+
+        fresh = self.get_pipe()
+        fresh.load_lora_weights(tmp_path, adapter_name="motion")
+        assert fresh.get_active_adapters() == ["motion"]
+        torch.testing.assert_close(fresh(**self.get_dummy_inputs(output_type="latent")).frames, with_lora)
+        fresh.fuse_lora()
+        torch.testing.assert_close(fresh(**self.get_dummy_inputs(output_type="latent")).frames, with_lora)
+        fresh.unfuse_lora()
+        fresh.unload_lora_weights()
+        torch.testing.assert_close(fresh(**self.get_dummy_inputs(output_type="latent")).frames, base)
+        with pytest.raises(ValueError, match="safetensors only"):
+            fresh.load_lora_weights(tmp_path, use_safetensors=False)
+        pickled = tmp_path / "pickled"
+        pickled.mkdir()
+        torch.save({f"transformer.{k}": v for k, v in lora_layers.items()}, pickled / "pytorch_lora_weights.bin")
+        with pytest.raises(OSError, match="pytorch_lora_weights.safetensors"):  # never unpickled
+            fresh.load_lora_weights(pickled)
+
     def test_compiled_blocks_make_one_graph_for_all_blocks_and_steps(self):
         # The GPU recipe compiles the repeated blocks once. Anything a block specialises on that differs
         # between blocks or steps (a per-block Python attribute, a Python number taken from the
