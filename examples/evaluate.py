@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from generate import load_pipeline  # examples/ is on sys.path when this file runs as a script
+from generate import add_loading_arguments, load_pipeline  # examples/ is on sys.path when this file runs as a script
 
 from nanoi2v_diffusers.data import swap_motions
 from nanoi2v_diffusers.evaluation.shapes_metrics import evaluate_pipeline
@@ -87,10 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--guidance", type=float, default=5.0, help="text guidance scale (1 = off)")
     parser.add_argument("--seed", type=int, default=0, help="which block of --n validation scenes (and their noise); seeds never share a scene")
-    parser.add_argument("--heun", action="store_true", help="second-order Heun sampler instead of Euler")
-    parser.add_argument("--shift", type=float, default=None, help="timestep shift (default: the saved scheduler's)")
-    parser.add_argument("--first-block-cache", type=float, default=None, metavar="THRESHOLD",
-                        help="diffusers' First Block Cache: skip the later blocks at steps where the first changed less")
+    add_loading_arguments(parser)
     parser.add_argument("--swap-motions-negative", action="store_true",
                         help="negative prompt: the caption with the objects' motions exchanged (data.swap_motions)")
     parser.add_argument("--negative-guidance", type=float, default=None, metavar="S",

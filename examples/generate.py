@@ -45,6 +45,14 @@ def load_pipeline(
     return pipe
 
 
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line flags of `load_pipeline`'s options (shared with evaluate.py)."""
+    parser.add_argument("--heun", action="store_true", help="second-order Heun sampler instead of Euler")
+    parser.add_argument("--shift", type=float, default=None, help="timestep shift (default: the saved scheduler's)")
+    parser.add_argument("--first-block-cache", type=float, default=None, metavar="THRESHOLD",
+                        help="diffusers' First Block Cache: skip the later blocks at steps where the first changed less")
+
+
 def video_to_uint8(video) -> "np.ndarray":  # noqa: F821
     """`(F, H, W, 3)` floats in [0, 1] -> uint8."""
     return (video * 255).round().clip(0, 255).astype("uint8")
@@ -61,10 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None, help="default: the image's width, else 64")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0, help="text guidance scale (1 = off)")
-    parser.add_argument("--heun", action="store_true", help="second-order Heun sampler instead of Euler")
-    parser.add_argument("--shift", type=float, default=None, help="timestep shift (default: the saved scheduler's)")
-    parser.add_argument("--first-block-cache", type=float, default=None, metavar="THRESHOLD",
-                        help="diffusers' First Block Cache: skip the later blocks at steps where the first changed less")
+    add_loading_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=int, default=FPS)
     parser.add_argument("--out", default="outputs/generated.mp4", help=".mp4 or .gif")

@@ -39,6 +39,14 @@ def _randomize(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
             param.add_(torch.randn(param.shape, generator=generator) * std)
 
 
+def _add_random_lora(transformer: torch.nn.Module) -> None:
+    """A PEFT LoRA adapter on every attention projection, randomly initialised so that it changes the output."""
+    from peft import LoraConfig
+
+    targets = ["to_qkv", "to_q", "to_kv", "to_out"]
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+
+
 class CallRecorder:
     """Wraps the transformer's forward to record what each call received."""
 
@@ -299,12 +307,9 @@ class TestNanoI2VPipeline:
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
 
     def test_attention_kwargs_scale_the_transformers_lora(self):
-        from peft import LoraConfig
-
         pipe = self.get_pipe()
         base = pipe(**self.get_dummy_inputs(output_type="latent")).frames
-        targets = ["to_qkv", "to_q", "to_kv", "to_out"]
-        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        _add_random_lora(pipe.transformer)
         with_lora = pipe(**self.get_dummy_inputs(output_type="latent")).frames
         scaled_off = pipe(**self.get_dummy_inputs(output_type="latent"), attention_kwargs={"scale": 0.0}).frames
         assert not torch.allclose(with_lora, base, atol=1e-4)
@@ -370,13 +375,11 @@ class TestNanoI2VPipeline:
         assert pipe.current_timestep is None
 
     def test_lora_weights_save_load_fuse_and_unload_through_the_pipeline(self, tmp_path):
-        from peft import LoraConfig
         from peft.utils import get_peft_model_state_dict
 
         pipe = self.get_pipe()
         base = pipe(**self.get_dummy_inputs(output_type="latent")).frames
-        targets = ["to_qkv", "to_q", "to_kv", "to_out"]
-        pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        _add_random_lora(pipe.transformer)
         with_lora = pipe(**self.get_dummy_inputs(output_type="latent")).frames
         lora_layers = get_peft_model_state_dict(pipe.transformer)
         self.pipeline_class.save_lora_weights(tmp_path, transformer_lora_layers=lora_layers)

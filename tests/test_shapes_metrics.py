@@ -333,6 +333,10 @@ def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, c
         return pipe
 
     fake_generate.load_pipeline = fake_load_pipeline
+    monkeypatch.syspath_prepend(str(EVALUATE_SCRIPT.parent))
+    import generate  # the real flags, so that they reach the fake loader
+
+    fake_generate.add_loading_arguments = generate.add_loading_arguments
     monkeypatch.setitem(sys.modules, "generate", fake_generate)
     spec = importlib.util.spec_from_file_location("evaluate_script", EVALUATE_SCRIPT)
     script = importlib.util.module_from_spec(spec)
