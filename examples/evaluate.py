@@ -13,9 +13,9 @@ import json
 import math
 from pathlib import Path
 
-from generate import add_loading_arguments, load_pipeline  # examples/ is on sys.path when this file runs as a script
+from generate import add_loading_arguments, load_pipeline, loading_options  # examples/ is on sys.path when this file runs as a script
 
-from nanoi2v_diffusers.data import swap_motions
+from nanoi2v_diffusers.data import ShapesConfig, swap_motions
 from nanoi2v_diffusers.evaluation.shapes_metrics import evaluate_pipeline
 
 # (key in the results, label, target); the targets are the project's (issue 6).
@@ -46,6 +46,11 @@ def format_table(results: dict) -> str:
         f"{settings['num_scenes']} {settings['split']} scenes, {settings['num_inference_steps']} steps, "
         f"guidance {settings['guidance_scale']}, seed {settings['seed']}"
     )
+    objects = (settings.get("min_objects", ShapesConfig.min_objects), settings.get("max_objects", ShapesConfig.max_objects))
+    if objects != (ShapesConfig.min_objects, ShapesConfig.max_objects):  # results written before the flag: default
+        header += f", {objects[0]}-{objects[1]} objects"
+    if settings.get("lora"):
+        header += f", LoRA {settings['lora']} at scale {settings['lora_scale']}"
     if settings.get("negative_prompt"):
         header += f", negative prompt {settings['negative_prompt']}"
         if settings.get("negative_guidance_scale") is not None:
@@ -92,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="negative prompt: the caption with the objects' motions exchanged (data.swap_motions)")
     parser.add_argument("--negative-guidance", type=float, default=None, metavar="S",
                         help="give the negative prompt its own guidance term of this scale (negative_guidance_scale)")
+    parser.add_argument("--objects", type=int, nargs=2, default=(ShapesConfig.min_objects, ShapesConfig.max_objects),
+                        metavar=("MIN", "MAX"), help="objects per scene (the generator draws 1 to 3)")
     parser.add_argument("--batch-size", type=int, default=8, help="videos per pipeline call")
     parser.add_argument("--no-text-swap", action="store_true", help="skip the second-caption videos (halves the time)")
     parser.add_argument("--out", default="outputs/eval.json")
@@ -100,7 +107,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    pipe = load_pipeline(args.model, heun=args.heun, shift=args.shift, first_block_cache=args.first_block_cache)
+    pipe = load_pipeline(args.model, **loading_options(args))
     results = evaluate_pipeline(
         pipe,
         num_scenes=args.n,
@@ -111,10 +118,12 @@ def main(argv=None) -> dict:
         text_swap=not args.no_text_swap,
         negative_prompt=swap_motions if args.swap_motions_negative else None,
         negative_guidance_scale=args.negative_guidance,
+        config=ShapesConfig(min_objects=args.objects[0], max_objects=args.objects[1]),
     )
     results["model_path"] = args.model
     results["settings"].update(
-        solver=pipe.scheduler.config.solver, shift=pipe.scheduler.config.shift, first_block_cache=args.first_block_cache
+        solver=pipe.scheduler.config.solver, shift=pipe.scheduler.config.shift, first_block_cache=args.first_block_cache,
+        lora=args.lora, lora_scale=args.lora_scale if args.lora else None,
     )
     print(format_table(results))
     out = Path(args.out)

@@ -2,7 +2,9 @@
 
 `write_model_card` fills a `huggingface_hub.ModelCard` with the metadata the Hub reads
 (`library_name: diffusers`, `pipeline_tag: image-to-video`) and a usage snippet; `push_to_hub`
-checks the folder is complete, then uploads it with `create_repo` + `upload_folder`.
+checks the folder is complete, then uploads it with `create_repo` + `upload_folder`. A folder is a
+saved pipeline, or LoRA weights for one (`pytorch_lora_weights.safetensors`, as diffusers' LoRA
+training scripts write).
 """
 
 import json
@@ -20,6 +22,7 @@ DEFAULT_TAGS = ("diffusers", "image-to-video", "text-to-video", "video-generatio
 SAMPLES_DIR = "samples"
 WEIGHT_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
 
 CARD_TEMPLATE = """---
 {card_data}
@@ -42,7 +45,7 @@ from PIL import Image
 from nanoi2v_diffusers import NanoI2VPipeline
 from nanoi2v_diffusers.data import write_video
 
-pipe = NanoI2VPipeline.from_pretrained("{repo_id}"{text_encoder_args})
+{load_pipeline}
 video = pipe(image=Image.open("first_frame.png"), prompt="a red circle moves left",
              num_frames=17, num_inference_steps=20, guidance_scale=5.0,
              generator=torch.manual_seed(0)).frames[0]          # (F, H, W, 3) floats in [0, 1]
@@ -69,6 +72,7 @@ def write_model_card(
     metrics: Optional[Mapping[str, float]] = None,
     sample_videos: Sequence[PathLike] = (),
     text_encoder_hint: Optional[str] = None,
+    lora_base_model: Optional[str] = None,
 ) -> ModelCard:
     """Write `folder/README.md`, a Hub model card for the pipeline saved in `folder`.
 
@@ -82,10 +86,19 @@ def write_model_card(
         sample_videos: GIF/MP4 files copied into `folder/samples/` and embedded.
         text_encoder_hint: Python expression(s) passed to `from_pretrained` when the text encoder is not
             stored in the folder, e.g. "text_encoder=text_encoder, tokenizer=tokenizer".
+        lora_base_model: when `folder` holds LoRA weights, the pipeline (Hub id or folder) they load into;
+            it becomes the card's `base_model` and the snippet loads it, then the weights.
     Returns:
         The `ModelCard`, already saved.
     """
     folder = Path(folder)
+    repo_id = repo_id or str(folder)
+    text_encoder_args = f", {text_encoder_hint}" if text_encoder_hint else ""
+    load_pipeline = f'pipe = NanoI2VPipeline.from_pretrained("{repo_id}"{text_encoder_args})'
+    if lora_base_model is not None:
+        tags, base_model = {*tags, "lora"}, lora_base_model
+        load_pipeline = (f'pipe = NanoI2VPipeline.from_pretrained("{lora_base_model}"{text_encoder_args})\n'
+                         f'pipe.load_lora_weights("{repo_id}")')  # fmt: skip
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag=PIPELINE_TAG,
@@ -98,8 +111,7 @@ def write_model_card(
         card_data=card_data.to_yaml(),
         title=title,
         description=description,
-        repo_id=repo_id or str(folder),
-        text_encoder_args=f", {text_encoder_hint}" if text_encoder_hint else "",
+        load_pipeline=load_pipeline,
         text_encoder_note=_text_encoder_note(text_encoder_hint),
         samples=_samples_section(folder, sample_videos),
         metrics=_metrics_section(metrics),
@@ -153,6 +165,9 @@ def check_pipeline_folder(folder: PathLike) -> Dict[str, Path]:
     """
     folder = Path(folder)
     index_path = folder / "model_index.json"
+    if not index_path.is_file() and (folder / LORA_WEIGHT_NAME).is_file():
+        _check_card_and_pickles(folder)
+        return {}  # LoRA weights for a pipeline published elsewhere: no components of its own
     if not index_path.is_file():
         raise ValueError(f"{folder} is not a pipeline folder: {index_path.name} is missing.")
     index = json.loads(index_path.read_text())
@@ -164,15 +179,19 @@ def check_pipeline_folder(folder: PathLike) -> Dict[str, Path]:
         if not component_dir.is_dir():
             raise ValueError(f"{index_path} lists component {name!r} but {component_dir} is missing.")
         components[name] = component_dir
-    pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise ValueError(f"{folder} holds pickle weight files ({pickles[0]}); only safetensors are published.")
     for name, component_dir in components.items():
         if (component_dir / "config.json").is_file() and not any(component_dir.glob(f"*{WEIGHT_SUFFIX}")):
             raise ValueError(f"Component {name!r} in {component_dir} has a config.json but no {WEIGHT_SUFFIX} weights.")
+    _check_card_and_pickles(folder)
+    return components
+
+
+def _check_card_and_pickles(folder: Path) -> None:
+    pickles = [p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise ValueError(f"{folder} holds pickle weight files ({pickles[0]}); only safetensors are published.")
     if not (folder / "README.md").is_file():
         raise ValueError(f"{folder} has no README.md model card: call write_model_card first.")
-    return components
 
 
 def push_to_hub(

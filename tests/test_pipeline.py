@@ -532,6 +532,23 @@ class TestNanoI2VPipeline:
         changed = load_pipeline(str(tmp_path), heun=True, shift=3.0).scheduler.config
         assert (changed.solver, changed.shift, changed.num_train_timesteps) == ("heun", 3.0, 500)
 
+    def test_example_loader_adds_lora_weights_at_their_scale(self, tmp_path, monkeypatch):
+        from peft.utils import get_peft_model_state_dict
+
+        monkeypatch.syspath_prepend(str(EXAMPLES))
+        from generate import load_pipeline
+
+        pipe = self.get_pipe()
+        pipe.save_pretrained(tmp_path / "base")
+        base = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        _add_random_lora(pipe.transformer)
+        with_lora = pipe(**self.get_dummy_inputs(output_type="latent")).frames
+        pipe.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+        for scale, expected in ((1.0, with_lora), (0.0, base)):
+            loaded = load_pipeline(str(tmp_path / "base"), lora=str(tmp_path / "lora"), lora_scale=scale)
+            loaded.set_progress_bar_config(disable=True)
+            torch.testing.assert_close(loaded(**self.get_dummy_inputs(output_type="latent")).frames, expected)
+
     def test_ship_model_writes_float16_that_loads_as_float32(self, tmp_path, monkeypatch):
         from safetensors import safe_open
 

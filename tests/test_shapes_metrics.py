@@ -263,10 +263,10 @@ def static_baseline_of(video):
     return np.repeat(video[:1], len(video), axis=0)
 
 
-def validation_clips(num_scenes, seed=0):
-    dataset = ShapesDataset(num_scenes, split="validation", config=CONFIG, seed=seed * num_scenes)
+def validation_clips(num_scenes, seed=0, config=CONFIG):
+    dataset = ShapesDataset(num_scenes, split="validation", config=config, seed=seed * num_scenes)
     scenes = [dataset.clip(index) for index in range(num_scenes)]
-    return scenes + [text_swap_partner(clip, CONFIG) for clip in scenes]
+    return scenes + [text_swap_partner(clip, config) for clip in scenes]
 
 
 def test_evaluate_pipeline_with_a_perfect_fake():
@@ -326,9 +326,9 @@ def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, c
 
     loaded = {}
 
-    def fake_load_pipeline(model, heun=False, shift=None, first_block_cache=None):
-        loaded.update(first_block_cache=first_block_cache)
-        pipe = FakePipeline(validation_clips(2))
+    def fake_load_pipeline(model, shift=None, **options):
+        loaded.update(options)
+        pipe = FakePipeline(validation_clips(2, config=ShapesConfig(min_objects=3, max_objects=3)))
         pipe.scheduler = NanoI2VFlowMatchScheduler(shift=1.0 if shift is None else shift)
         return pipe
 
@@ -337,6 +337,7 @@ def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, c
     import generate  # the real flags, so that they reach the fake loader
 
     fake_generate.add_loading_arguments = generate.add_loading_arguments
+    fake_generate.loading_options = generate.loading_options
     monkeypatch.setitem(sys.modules, "generate", fake_generate)
     spec = importlib.util.spec_from_file_location("evaluate_script", EVALUATE_SCRIPT)
     script = importlib.util.module_from_spec(spec)
@@ -344,10 +345,10 @@ def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, c
     out = tmp_path / "eval.json"
     script.main(["--model", "fake", "--n", "2", "--steps", "2", "--batch-size", "4", "--shift", "2.5",
                  "--first-block-cache", "0.1", "--swap-motions-negative", "--negative-guidance", "2",
-                 "--out", str(out)])
+                 "--lora", "my-lora", "--lora-scale", "0.5", "--objects", "3", "3", "--out", str(out)])
     table = capsys.readouterr().out
     assert "| direction accuracy | 1.000 +- 0.000 |" in table and "static baseline" in table
-    assert "negative prompt swap_motions on its own guidance 2.0" in table.splitlines()[0]
+    assert "LoRA my-lora at scale 0.5, negative prompt swap_motions on its own guidance 2.0" in table.splitlines()[0]
     assert "| Frechet distance (colour/motion features, not FVD) | 0.000 |" in table  # no standard error
     written = json.loads(out.read_text())  # strict JSON: the perfect first frame's infinite PSNR is a string
     assert written["model"]["first_frame_psnr"] == "inf"
@@ -355,6 +356,10 @@ def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, c
     settings = written["settings"]  # each flag reached the loader or the pipeline calls, and the record
     assert settings["shift"] == 2.5 and settings["first_block_cache"] == loaded["first_block_cache"] == 0.1
     assert settings["negative_prompt"] == "swap_motions" and settings["negative_guidance_scale"] == 2.0
+    assert (settings["lora"], settings["lora_scale"]) == (loaded["lora"], loaded["lora_scale"]) == ("my-lora", 0.5)
+    # Three-object scenes: the fake pipeline knows only those, so any other scene would raise KeyError.
+    assert (settings["min_objects"], settings["max_objects"]) == (3, 3)
+    assert [len(scene["directions"]) for scene in written["scenes"]] == [3, 3] and "3-3 objects" in table
 
 
 def test_paired_differences_of_a_perfect_and_a_static_model():

@@ -175,6 +175,84 @@ def test_bf16_run_with_builtin_text_encoder_saves_float32_without_it_and_pushes_
     assert all(value.dtype == torch.float32 for value in _safetensors(out / "vae").values())
 
 
+def _save_base_pipeline(folder: Path, assets) -> NanoI2VPipeline:
+    """A complete pipeline of the tiny config's sizes with random (non-zero) weights: a LoRA run's base."""
+    config = parse_config(DiTTrainingConfig, _argv(folder, assets))
+    vae = AutoencoderKLNanoI2V.from_pretrained(assets["vae"])
+    text_encoder, tokenizer = train_dit.load_text_encoder(str(assets["bert"]))
+    torch.manual_seed(0)
+    transformer = train_dit.build_transformer(config, vae.config.latent_channels, text_encoder.config.hidden_size)
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.normal_(std=0.05)  # a "trained" model: adaLN-Zero's zero outputs would hide the adapter
+    pipe = NanoI2VPipeline(vae=vae, transformer=transformer, scheduler=train_dit.build_noise_scheduler(config),
+                           text_encoder=text_encoder, tokenizer=tokenizer)  # fmt: skip
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def test_lora_run_trains_only_the_adapter_and_saves_it_for_load_lora_weights(tmp_path, assets, monkeypatch):
+    from peft import LoraConfig
+
+    uploads = {}
+    monkeypatch.setattr(train_dit.hub_utils, "create_repo", lambda repo_id, **kwargs: repo_id)
+    monkeypatch.setattr(train_dit.hub_utils, "upload_folder", lambda repo_id, folder_path, **kwargs: uploads.setdefault(
+        repo_id, sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())))
+    base = _save_base_pipeline(tmp_path / "base", assets)
+    out = tmp_path / "lora"
+    train_dit.main(_argv(out, assets, "--pretrained_transformer", str(tmp_path / "base"), "--lora_rank", "4",
+                         "--lora_alpha", "8", "--max_train_steps", "3", "--learning_rate", "1e-2",
+                         "--push_to_hub", "--hub_model_id", "user/tiny-lora"))  # fmt: skip
+
+    # Only the adapter is saved (float32, with its PEFT config), and published with the card and samples.
+    assert not (out / "model_index.json").exists() and not (out / "transformer").exists()
+    layers = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert layers and all(".lora_A." in name or ".lora_B." in name for name in layers)
+    assert all(value.dtype == torch.float32 for value in layers.values())
+    assert {name.split(".")[-3] for name in layers} == set(train_dit.LORA_TARGET_MODULES)
+    assert sorted(uploads["user/tiny-lora"]) == ["README.md", "pytorch_lora_weights.safetensors",
+                                                 "samples/step-000003-0.gif", "samples/step-000003-1.gif"]  # fmt: skip
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tmp_path / 'base'}" in card and "- lora" in card
+    assert f'pipe.load_lora_weights("user/tiny-lora")' in card and "rank 4, alpha 8" in card
+
+    # The saved adapter is the EMA of the adapter alone: the EMA holds one tensor per adapter weight.
+    ema_state = torch.load(out / "checkpoint-3" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert len(ema_state["shadow_params"]) == len(layers)
+
+    # The base weights did not move; the zero-initialised B matrices did, so the adapter changes the output.
+    pipe = NanoI2VPipeline.from_pretrained(tmp_path / "base")
+    pipe.load_lora_weights(out)
+    (adapter,) = pipe.transformer.peft_config.values()
+    assert (adapter.r, adapter.lora_alpha) == (4, 8)  # read from the file's metadata
+    adapted = dict(pipe.transformer.named_parameters())
+    for name, parameter in base.transformer.named_parameters():
+        lora_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        torch.testing.assert_close(adapted.get(name, adapted.get(lora_name)), parameter, rtol=0, atol=0)
+    assert all(value.abs().max() > 0 for name, value in layers.items() if ".lora_B." in name)
+    inputs = dict(image=np.zeros((32, 32, 3), np.uint8), prompt="a red circle moves left", num_frames=5,
+                  num_inference_steps=2, output_type="latent")  # fmt: skip
+    with_lora = pipe(**inputs, generator=torch.manual_seed(0)).frames
+    without = pipe(**inputs, generator=torch.manual_seed(0), attention_kwargs={"scale": 0.0}).frames
+    assert not torch.allclose(with_lora, without, atol=1e-5)
+
+
+def test_lora_config_rules(tmp_path, assets):
+    _save_base_pipeline(tmp_path / "base", assets)
+    with pytest.raises(ValueError, match="lora_rank needs pretrained_transformer to be a pipeline folder"):
+        DiTTrainingConfig(lora_rank=4, pretrained_transformer=str(tmp_path / "base" / "transformer"))
+    with pytest.raises(ValueError, match="lora_rank must be >= 1"):
+        DiTTrainingConfig(lora_rank=0, pretrained_transformer=str(tmp_path / "base"))
+    config = DiTTrainingConfig(lora_rank=2, pretrained_transformer=str(tmp_path / "base"),
+                               transformer_overrides={"num_text_refiner_layers": 1})  # fmt: skip
+    with pytest.raises(ValueError, match="only the adapter trains.*num_text_refiner_layers"):
+        train_dit.build_transformer(config, latent_channels=4, text_dim=32)
+    # A pipeline folder also serves full training: its transformer/ is loaded.
+    config = DiTTrainingConfig(pretrained_transformer=str(tmp_path / "base"))
+    transformer = train_dit.build_transformer(config, latent_channels=4, text_dim=32)
+    assert all(parameter.requires_grad for parameter in transformer.parameters())
+
+
 # ------------------------------------------------------------------------------------------- pieces
 
 
@@ -287,6 +365,17 @@ def test_shipped_configs_parse_and_build_their_transformer(name):
         transformer = train_dit.build_transformer(config, latent_channels=16, text_dim=384)
     assert transformer.config.in_channels == 33 and transformer.config.text_dim == 384
     assert config.resolution % 16 == 0 and (config.num_frames - 1) % 4 == 0
+
+
+@pytest.mark.parametrize("name", ["shapes_64_lora", "shapes_64_lora_three_objects"])
+def test_shipped_lora_configs_adapt_the_shipped_pipeline(name, monkeypatch):
+    monkeypatch.chdir(REPO)  # the configs' paths are relative to the repository root, as the README runs them
+    config = parse_config(DiTTrainingConfig, ["--config", str(CONFIGS / f"{name}.yaml")])
+    transformer = train_dit.build_transformer(config, latent_channels=16, text_dim=384)
+    trainable = {name for name, parameter in transformer.named_parameters() if parameter.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    blocks = transformer.config.num_layers
+    assert len(trainable) == 2 * 5 * blocks  # A and B on to_qkv, to_out, to_q, to_kv, to_out of each block
 
 
 def test_a_pretrained_transformer_grows_by_its_overrides(tmp_path):

@@ -78,6 +78,7 @@ def test_yaml_base_errors_name_the_file(tmp_path):
         (["--mixed_precision", "fp8"], "mixed_precision must be one of"),
         (["--dataset", "video_folder"], "needs train_data_dir"),
         (["--max_train_steps", "0"], "max_train_steps must be >= 1"),
+        (["--shapes_max_objects", "4"], "max_objects <= 3"),
     ],
 )
 def test_invalid_settings_raise(argv, message):
@@ -113,3 +114,12 @@ def test_shapes_data_and_infinite_batches():
     # 3 clips with drop_last: one batch per epoch, and the iterator keeps going across epochs.
     shapes = [tuple(next(batches)["pixel_values"].shape) for _ in range(3)]
     assert shapes == [(2, 3, 5, 32, 32)] * 3
+
+
+def test_shapes_object_counts_reach_both_splits():
+    config = ExampleConfig(resolution=32, num_frames=5, num_validation_samples=6, shapes_min_objects=3,
+                           shapes_max_objects=3)  # fmt: skip
+    for split in ("train", "validation"):
+        dataset = build_dataset(config, split)
+        assert {len(dataset.clip(index).objects) for index in range(6)} == {3}, split
+    assert {len(build_dataset(ExampleConfig(), "train").clip(index).objects) for index in range(40)} == {1, 2}

@@ -75,6 +75,8 @@ class TrainingConfig:
     train_data_dir: Optional[str] = None
     validation_data_dir: Optional[str] = None  # video_folder only; defaults to train_data_dir
     max_bad_fraction: float = 0.5  # video_folder only: unreadable videos are skipped; past this fraction the run stops
+    shapes_min_objects: int = ShapesConfig.min_objects  # shapes only: objects per clip (the generator draws 1 to 3)
+    shapes_max_objects: int = ShapesConfig.max_objects
     resolution: int = 64
     num_frames: int = 17
     validation_num_frames: Optional[int] = None  # defaults to num_frames
@@ -91,6 +93,8 @@ class TrainingConfig:
                      "validation_steps", "logging_steps", "max_nonfinite_steps"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+        if self.dataset == "shapes":
+            self.shapes_config()  # raises ValueError naming a bad object count
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1]; got {self.max_bad_fraction}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -99,6 +103,11 @@ class TrainingConfig:
     @property
     def eval_num_frames(self) -> int:
         return self.validation_num_frames or self.num_frames
+
+    def shapes_config(self, num_frames: Optional[int] = None) -> ShapesConfig:
+        """The shapes generator's settings for this config's clips (`num_frames` frames, default the training's)."""
+        return ShapesConfig(canvas_size=self.resolution, num_frames=num_frames or self.num_frames,
+                            min_objects=self.shapes_min_objects, max_objects=self.shapes_max_objects)  # fmt: skip
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain YAML-safe values (tuples as lists)."""
@@ -347,9 +356,8 @@ def build_dataset(config: TrainingConfig, split: str = "train") -> Dataset:
     """The training or validation clips the config asks for: shapes (default) or a folder of videos."""
     num_frames = config.num_frames if split == "train" else config.eval_num_frames
     if config.dataset == "shapes":
-        shapes = ShapesConfig(canvas_size=config.resolution, num_frames=num_frames)
         length = SHAPES_EPOCH_LENGTH if split == "train" else config.num_validation_samples
-        return ShapesDataset(length, split=split, config=shapes)
+        return ShapesDataset(length, split=split, config=config.shapes_config(num_frames))
     root = config.train_data_dir if split == "train" else (config.validation_data_dir or config.train_data_dir)
     return VideoFolderDataset(root, num_frames=num_frames, height=config.resolution, width=config.resolution,
                               random_flip=split == "train", seed=config.seed,

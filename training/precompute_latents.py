@@ -81,7 +81,8 @@ def precompute(config: DiTTrainingConfig, device: Optional[Union[str, torch.devi
 def _describe_source(config: DiTTrainingConfig) -> str:
     size = f"{config.resolution}x{config.resolution}, {config.num_frames} frames"
     if config.dataset == "shapes":  # the clips' seeds are fixed by the split, not by config.seed
-        return f"shapes train clips 0-{config.max_train_samples - 1}, {size}"
+        objects = f"{config.shapes_min_objects}-{config.shapes_max_objects} objects"
+        return f"shapes train clips 0-{config.max_train_samples - 1}, {size}, {objects}"
     return f"video_folder {config.train_data_dir}, {size}, flips drawn with seed {config.seed}"
 
 

@@ -22,7 +22,9 @@ checkpoint continues with exactly the losses of an uninterrupted one. Checkpoint
 whose gradients are not finite is skipped and logged; `max_nonfinite_steps` of them in a row save a
 checkpoint and stop the run. Every `validation_steps` the real `NanoI2VPipeline` is built from the
 EMA weights and generates videos from fixed validation first frames and captions. At the end the
-whole pipeline is saved to `output_dir` with a model card, and pushed with `--push_to_hub`.
+whole pipeline is saved to `output_dir` with a model card, and pushed with `--push_to_hub`. With
+`lora_rank`, only a LoRA adapter on the pretrained pipeline's transformer trains, and the run saves
+the adapter (`pytorch_lora_weights.safetensors`, for `NanoI2VPipeline.load_lora_weights`) instead.
 """
 
 import collections
@@ -87,6 +89,8 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
 VALIDATION_FORMATS = ("gif", "mp4")
 TRAIN_LOG = "train_log.jsonl"
+# The attention projections of every block (self-attention's fused QKV, cross-attention's Q and fused KV).
+LORA_TARGET_MODULES = ("to_qkv", "to_q", "to_kv", "to_out")
 # The summary also averages the loss over the last steps: one step's loss (one batch at random noise
 # levels) is too noisy to compare runs by.
 FINAL_LOSS_WINDOW = 100
@@ -114,7 +118,12 @@ class DiTTrainingConfig(TrainingConfig):
     transformer_preset: str = "S"  # a key of TRANSFORMER_PRESETS
     transformer_overrides: Optional[Dict[str, Any]] = None  # e.g. {num_layers: 8}; wins over the preset
     # With pretrained_transformer, overrides may add modules to it: see grow_transformer.
-    pretrained_transformer: Optional[str] = None  # start from a saved transformer instead
+    pretrained_transformer: Optional[str] = None  # start from a saved transformer, or a pipeline folder's
+    # LoRA: with lora_rank, only a PEFT adapter on `lora_target_modules` trains; pretrained_transformer must
+    # then be a pipeline folder (the base the LoRA weights load into) and the run saves only the adapter.
+    lora_rank: Optional[int] = None
+    lora_alpha: Optional[float] = None  # None: lora_rank (an adapter scale of 1)
+    lora_target_modules: Tuple[str, ...] = LORA_TARGET_MODULES
     scheduler_shift: float = 1.0
     # Objective
     weighting_scheme: str = "logit_normal"  # as diffusers' SD3 script: see split_weighting_scheme
@@ -167,6 +176,21 @@ class DiTTrainingConfig(TrainingConfig):
             raise ValueError(f"vae_preset must be one of {sorted(VAE_PRESETS)}; got {self.vae_preset!r}.")
         if self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be >= 1; got {self.max_sequence_length}.")
+        if self.lora_rank is not None:
+            self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1 or None (full training); got {self.lora_rank}.")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0 or None (= lora_rank); got {self.lora_alpha}.")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module, e.g. ['to_qkv'].")
+        if not (self.pretrained_transformer and is_pipeline_folder(self.pretrained_transformer)):
+            raise ValueError(
+                "lora_rank needs pretrained_transformer to be a pipeline folder (with model_index.json): the "
+                f"pipeline the LoRA weights load into; got {self.pretrained_transformer!r}."
+            )
 
     def _check_objective(self) -> None:
         for name in ("image_dropout", "text_dropout"):
@@ -220,14 +244,50 @@ def grow_transformer(pretrained: NanoI2VTransformer3DModel, overrides: Dict[str,
     return grown
 
 
+def is_pipeline_folder(path: str) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def load_pretrained_transformer(path: str) -> NanoI2VTransformer3DModel:
+    """The transformer saved at `path`: a transformer folder, or a pipeline folder (its `transformer/`)."""
+    subfolder = "transformer" if is_pipeline_folder(path) else None
+    return NanoI2VTransformer3DModel.from_pretrained(path, subfolder=subfolder)
+
+
 def build_transformer(config: DiTTrainingConfig, latent_channels: int, text_dim: int) -> NanoI2VTransformer3DModel:
+    """The transformer to train: from the preset, or the pretrained one (grown by the overrides); with
+    `lora_rank`, frozen, with a fresh LoRA adapter as its only trainable parameters."""
     if config.pretrained_transformer:
-        pretrained = NanoI2VTransformer3DModel.from_pretrained(config.pretrained_transformer)
-        return grow_transformer(pretrained, config.transformer_overrides or {})
+        pretrained = load_pretrained_transformer(config.pretrained_transformer)
+        transformer = grow_transformer(pretrained, config.transformer_overrides or {})
+        if config.lora_rank is not None:
+            if transformer is not pretrained:
+                raise ValueError("With lora_rank only the adapter trains, so transformer_overrides may not add "
+                                 f"modules to pretrained_transformer; got {config.transformer_overrides}.")  # fmt: skip
+            add_lora_adapter(transformer, config)
+        return transformer
     overrides = dict(config.transformer_overrides or {})
     overrides.update(in_channels=latent_channels + num_condition_channels(latent_channels),
                      out_channels=latent_channels, text_dim=text_dim)  # fmt: skip
     return NanoI2VTransformer3DModel.from_preset(config.transformer_preset, **overrides)
+
+
+def lora_config(config: DiTTrainingConfig):
+    try:
+        from peft import LoraConfig
+    except ImportError as error:  # an optional dependency
+        raise ImportError('lora_rank needs peft: pip install "nanoi2v_diffusers[lora]" (or peft).') from error
+
+    alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
+    # Gaussian A and zero B, as diffusers' LoRA scripts: the adapted model starts as the pretrained one.
+    return LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                      target_modules=list(config.lora_target_modules))  # fmt: skip
+
+
+def add_lora_adapter(transformer: NanoI2VTransformer3DModel, config: DiTTrainingConfig) -> None:
+    """Freeze `transformer` and add the config's LoRA adapter (trainable, float32)."""
+    transformer.requires_grad_(False)
+    transformer.add_adapter(lora_config(config))
 
 
 def latent_shape(vae: AutoencoderKLNanoI2V, config: DiTTrainingConfig) -> Tuple[int, int, int, int]:
@@ -410,8 +470,8 @@ class DiTTrainer:
         if config.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW(
-            transformer.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay,
+            [p for p in transformer.parameters() if p.requires_grad], lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
         )  # fmt: skip
         # The prepared scheduler steps once per process per optimizer step, hence the factors.
         lr_scheduler = get_scheduler(
@@ -419,9 +479,11 @@ class DiTTrainer:
             num_training_steps=config.max_train_steps * accelerator.num_processes,
         )  # fmt: skip
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+        # All parameters, or the LoRA adapter's alone; after `prepare`, which may replace them (FSDP).
+        self.trainable_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.ema = None
         if config.use_ema:
-            self.ema = EMAModel(self.model.parameters(), decay=config.ema_decay, use_ema_warmup=True,
+            self.ema = EMAModel(self.trainable_parameters, decay=config.ema_decay, use_ema_warmup=True,
                                 power=config.ema_power, foreach=True)  # fmt: skip
             accelerator.register_for_checkpointing(self.ema)
 
@@ -471,7 +533,7 @@ class DiTTrainer:
             loss = weighted_mse(prediction, target, weights)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)
                 grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2
         return loss.detach(), grad_norm
 
@@ -485,7 +547,7 @@ class DiTTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         updated = finite and not self.accelerator.optimizer_step_was_skipped
         if updated and self.ema is not None:
-            self.ema.step(self.model.parameters())
+            self.ema.step(self.trainable_parameters)
         return updated
 
     def _train_step(self) -> Dict[str, Any]:
@@ -570,7 +632,7 @@ class DiTTrainer:
 
         Call on every process: under FSDP, gathering the full weights is a collective.
         """
-        parameters = list(self.model.parameters())
+        parameters = self.trainable_parameters
         if self.ema is not None:
             self.ema.store(parameters)
             self.ema.copy_to(parameters)
@@ -578,6 +640,8 @@ class DiTTrainer:
         transformer = None
         if self.accelerator.is_main_process:  # load_state_dict copies, before the training weights come back
             transformer = NanoI2VTransformer3DModel.from_config(self.accelerator.unwrap_model(self.model).config)
+            if self.config.lora_rank is not None:
+                add_lora_adapter(transformer, self.config)  # the same module names as the trained model
             transformer.load_state_dict(state_dict)
             transformer.requires_grad_(False).eval()
         if self.ema is not None:
@@ -623,27 +687,33 @@ class DiTTrainer:
         if accelerator.is_main_process:
             self._save_pipeline(transformer, summary)
             append_jsonl(self.output_dir / TRAIN_LOG, {"step": self.global_step, "summary": summary})
-            accelerator.print(f"Saved the pipeline to {self.output_dir}: {summary}")
+            saved = "the pipeline" if self.config.lora_rank is None else "the LoRA weights"
+            accelerator.print(f"Saved {saved} to {self.output_dir}: {summary}")
         if self.config.debug_rank_facts:
             self._write_rank_facts()
         accelerator.wait_for_everyone()
         return summary
 
     def _save_pipeline(self, transformer: NanoI2VTransformer3DModel, summary: Dict[str, Any]) -> None:
+        """Save the pipeline (or, with LoRA, the adapter alone) and its model card; push when asked."""
         config = self.config
         custom_text_encoder = config.text_encoder is not None
-        # The frozen models as loaded (float32), not the copies cast to the mixed-precision dtype.
-        vae = load_vae(config) if config.pretrained_vae else self.vae.float()
-        text_encoder, tokenizer = load_text_encoder(config.text_encoder) if custom_text_encoder else (None, None)
-        pipeline = NanoI2VPipeline(vae=vae, transformer=transformer.float(), scheduler=self.noise_scheduler,
-                                   text_encoder=text_encoder, tokenizer=tokenizer)  # fmt: skip
-        pipeline.save_pretrained(self.output_dir)
+        if config.lora_rank is None:
+            # The frozen models as loaded (float32), not the copies cast to the mixed-precision dtype.
+            vae = load_vae(config) if config.pretrained_vae else self.vae.float()
+            text_encoder, tokenizer = load_text_encoder(config.text_encoder) if custom_text_encoder else (None, None)
+            pipeline = NanoI2VPipeline(vae=vae, transformer=transformer.float(), scheduler=self.noise_scheduler,
+                                       text_encoder=text_encoder, tokenizer=tokenizer)  # fmt: skip
+            pipeline.save_pretrained(self.output_dir)
+        else:
+            save_lora_weights(transformer, self.output_dir)
         hub_utils.write_model_card(
             self.output_dir, repo_id=config.hub_model_id, title=f"NanoI2V ({Path(config.output_dir).name})",
             description=_card_description(config, summary), datasets=_card_datasets(config),
             training_config=config.to_dict(), metrics=summary,
             sample_videos=[path for path in self.last_validation_videos if path.suffix == ".gif"],
             text_encoder_hint=None if custom_text_encoder else "text_encoder=text_encoder, tokenizer=tokenizer",
+            lora_base_model=config.pretrained_transformer if config.lora_rank is not None else None,
         )  # fmt: skip
         if config.push_to_hub:
             publish(self.output_dir, config.hub_model_id, private=config.hub_private)
@@ -673,6 +743,16 @@ class DiTTrainer:
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def save_lora_weights(transformer: NanoI2VTransformer3DModel, folder: Path) -> None:
+    """Write the adapter as `NanoI2VPipeline.load_lora_weights` reads it, with its PEFT config (rank, alpha,
+    targets) as metadata, in float32."""
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {name: value.float() for name, value in get_peft_model_state_dict(transformer).items()}
+    NanoI2VPipeline.save_lora_weights(folder, transformer_lora_layers=layers,
+                                      transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
 
 
 def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -707,8 +787,14 @@ def _card_description(config: DiTTrainingConfig, summary: Dict[str, Any]) -> str
     text = (f"Trained with `training/train_dit.py` on {data} ({config.resolution} x {config.resolution}, "
             f"{config.num_frames} frames) for {summary['steps']} steps; training loss "
             f"{_format_loss(summary.get(MEAN_LOSS_KEY))} averaged over up to the last "
-            f"{FINAL_LOSS_WINDOW} steps, {_format_loss(summary.get('final_loss'))} at the last one. "
-            "The transformer weights are the EMA weights.")  # fmt: skip
+            f"{FINAL_LOSS_WINDOW} steps, {_format_loss(summary.get('final_loss'))} at the last one.")  # fmt: skip
+    weights = "transformer weights"
+    if config.lora_rank is not None:
+        text += (f" A LoRA adapter (rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank}, on "
+                 f"{', '.join(config.lora_target_modules)}) for the pipeline `{config.pretrained_transformer}`.")
+        weights = "adapter weights"
+    if config.use_ema:
+        text += f" The {weights} are the EMA weights."
     if config.text_encoder is None:
         text += (" The text encoder is the built-in all-MiniLM-L6-v2, not stored here: "
                  "`from nanoi2v_diffusers.text_encoders import load_minilm; text_encoder, tokenizer = load_minilm()`.")
@@ -716,10 +802,13 @@ def _card_description(config: DiTTrainingConfig, summary: Dict[str, Any]) -> str
 
 
 def publish(folder: Path, repo_id: str, private: bool = False) -> str:
-    """Push the pipeline files of `folder` (not the checkpoints, logs or validation videos) to the Hub."""
-    index = json.loads((folder / "model_index.json").read_text())
-    names = ["model_index.json", "README.md", hub_utils.SAMPLES_DIR]
-    names += [name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None]
+    """Push the pipeline (or LoRA) files of `folder`, not the checkpoints, logs or validation videos, to the Hub."""
+    names = ["README.md", hub_utils.SAMPLES_DIR]
+    if (folder / hub_utils.LORA_WEIGHT_NAME).is_file():
+        names.append(hub_utils.LORA_WEIGHT_NAME)
+    else:
+        index = json.loads((folder / "model_index.json").read_text())
+        names += ["model_index.json"] + [name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None]
     with tempfile.TemporaryDirectory() as staging:
         for name in names:
             source, target = folder / name, Path(staging) / name

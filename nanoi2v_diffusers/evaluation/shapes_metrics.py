@@ -559,6 +559,8 @@ def evaluate_pipeline(
         batch_size=batch_size,
         canvas_size=config.canvas_size,
         num_frames=config.num_frames,
+        min_objects=config.min_objects,
+        max_objects=config.max_objects,
         negative_prompt=None if negative_prompt is None else negative_prompt.__name__,
         negative_guidance_scale=negative_guidance_scale,
     )
