@@ -214,7 +214,7 @@ def test_lora_run_trains_only_the_adapter_and_saves_it_for_load_lora_weights(tmp
                                                  "samples/step-000003-0.gif", "samples/step-000003-1.gif"]  # fmt: skip
     card = (out / "README.md").read_text()
     assert f"base_model: {tmp_path / 'base'}" in card and "- lora" in card
-    assert f'pipe.load_lora_weights("user/tiny-lora")' in card and "rank 4, alpha 8" in card
+    assert f'pipe.load_lora_weights("user/tiny-lora")' in card and "rank 4, alpha 8, on to_qkv" in card
 
     # The saved adapter is the EMA of the adapter alone: the EMA holds one tensor per adapter weight.
     ema_state = torch.load(out / "checkpoint-3" / "custom_checkpoint_0.pkl", weights_only=True)

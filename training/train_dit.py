@@ -179,6 +179,11 @@ class DiTTrainingConfig(TrainingConfig):
         if self.lora_rank is not None:
             self._check_lora()
 
+    @property
+    def resolved_lora_alpha(self) -> float:
+        """`lora_alpha`, or `lora_rank` when it is None: the adapter's output is scaled by alpha / rank."""
+        return self.lora_alpha if self.lora_alpha is not None else float(self.lora_rank)
+
     def _check_lora(self) -> None:
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1 or None (full training); got {self.lora_rank}.")
@@ -278,9 +283,8 @@ def lora_config(config: DiTTrainingConfig):
     except ImportError as error:  # an optional dependency
         raise ImportError('lora_rank needs peft: pip install "nanoi2v_diffusers[lora]" (or peft).') from error
 
-    alpha = config.lora_alpha if config.lora_alpha is not None else config.lora_rank
     # Gaussian A and zero B, as diffusers' LoRA scripts: the adapted model starts as the pretrained one.
-    return LoraConfig(r=config.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian",
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.resolved_lora_alpha, init_lora_weights="gaussian",
                       target_modules=list(config.lora_target_modules))  # fmt: skip
 
 
@@ -790,7 +794,7 @@ def _card_description(config: DiTTrainingConfig, summary: Dict[str, Any]) -> str
             f"{FINAL_LOSS_WINDOW} steps, {_format_loss(summary.get('final_loss'))} at the last one.")  # fmt: skip
     weights = "transformer weights"
     if config.lora_rank is not None:
-        text += (f" A LoRA adapter (rank {config.lora_rank}, alpha {config.lora_alpha or config.lora_rank}, on "
+        text += (f" A LoRA adapter (rank {config.lora_rank}, alpha {config.resolved_lora_alpha:g}, on "
                  f"{', '.join(config.lora_target_modules)}) for the pipeline `{config.pretrained_transformer}`.")
         weights = "adapter weights"
     if config.use_ema:
