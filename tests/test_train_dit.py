@@ -91,8 +91,12 @@ def test_tiny_run_saves_a_loadable_pipeline_with_ema_weights_card_and_videos(tmp
     assert frames.shape == (1, 5, 32, 32, 3)
 
 
-def test_resumed_run_continues_with_exactly_the_same_losses(tmp_path, assets):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resumed_run_continues_with_exactly_the_same_losses(tmp_path, assets, lora):
     common = ("--gradient_accumulation_steps", "2", "--checkpoints_total_limit", "none", "--validation_steps", "100")
+    if lora:
+        _save_base_pipeline(tmp_path / "base", assets)
+        common += ("--pretrained_transformer", str(tmp_path / "base"), "--lora_rank", "4")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train_dit.main(_argv(full, assets, *common))
     resumed.mkdir()
@@ -103,8 +107,12 @@ def test_resumed_run_continues_with_exactly_the_same_losses(tmp_path, assets):
     assert sorted(resumed_log) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed_log[step]["loss"] == full_log[step]["loss"], step
-    for name, value in _safetensors(full / "transformer").items():
-        assert torch.equal(value, _safetensors(resumed / "transformer")[name]), name
+
+    def saved_weights(run: Path) -> dict:
+        return load_file(str(run / "pytorch_lora_weights.safetensors")) if lora else _safetensors(run / "transformer")
+
+    for name, value in saved_weights(full).items():
+        assert torch.equal(value, saved_weights(resumed)[name]), name
 
 
 def test_training_from_the_cache_matches_training_on_the_fly(tmp_path, assets):
