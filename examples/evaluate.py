@@ -46,8 +46,9 @@ def format_table(results: dict) -> str:
         f"{settings['num_scenes']} {settings['split']} scenes, {settings['num_inference_steps']} steps, "
         f"guidance {settings['guidance_scale']}, seed {settings['seed']}"
     )
-    objects = (settings.get("min_objects", ShapesConfig.min_objects), settings.get("max_objects", ShapesConfig.max_objects))
-    if objects != (ShapesConfig.min_objects, ShapesConfig.max_objects):  # results written before the flag: default
+    default_objects = (ShapesConfig.min_objects, ShapesConfig.max_objects)  # also for results written before the flag
+    objects = (settings.get("min_objects", default_objects[0]), settings.get("max_objects", default_objects[1]))
+    if objects != default_objects:
         header += f", {objects[0]}-{objects[1]} objects"
     if settings.get("lora"):
         header += f", LoRA {settings['lora']} at scale {settings['lora_scale']}"
@@ -122,8 +123,11 @@ def main(argv=None) -> dict:
     )
     results["model_path"] = args.model
     results["settings"].update(
-        solver=pipe.scheduler.config.solver, shift=pipe.scheduler.config.shift, first_block_cache=args.first_block_cache,
-        lora=args.lora, lora_scale=args.lora_scale if args.lora else None,
+        solver=pipe.scheduler.config.solver,
+        shift=pipe.scheduler.config.shift,
+        first_block_cache=args.first_block_cache,
+        lora=args.lora,
+        lora_scale=args.lora_scale if args.lora else None,
     )
     print(format_table(results))
     out = Path(args.out)

@@ -755,7 +755,7 @@ def save_lora_weights(transformer: NanoI2VTransformer3DModel, folder: Path) -> N
     from peft.utils import get_peft_model_state_dict
 
     layers = {name: value.float() for name, value in get_peft_model_state_dict(transformer).items()}
-    NanoI2VPipeline.save_lora_weights(folder, transformer_lora_layers=layers,
+    NanoI2VPipeline.save_lora_weights(folder, transformer_lora_layers=layers, weight_name=hub_utils.LORA_WEIGHT_NAME,
                                       transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
 
 
@@ -812,7 +812,8 @@ def publish(folder: Path, repo_id: str, private: bool = False) -> str:
         names.append(hub_utils.LORA_WEIGHT_NAME)
     else:
         index = json.loads((folder / "model_index.json").read_text())
-        names += ["model_index.json"] + [name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None]
+        components = [name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None]
+        names += ["model_index.json", *components]
     with tempfile.TemporaryDirectory() as staging:
         for name in names:
             source, target = folder / name, Path(staging) / name
