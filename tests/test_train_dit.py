@@ -200,8 +200,6 @@ def _save_base_pipeline(folder: Path, assets) -> NanoI2VPipeline:
 
 
 def test_lora_run_trains_only_the_adapter_and_saves_it_for_load_lora_weights(tmp_path, assets, monkeypatch):
-    from peft import LoraConfig
-
     uploads = {}
     monkeypatch.setattr(train_dit.hub_utils, "create_repo", lambda repo_id, **kwargs: repo_id)
     monkeypatch.setattr(train_dit.hub_utils, "upload_folder", lambda repo_id, folder_path, **kwargs: uploads.setdefault(
@@ -380,10 +378,10 @@ def test_shipped_lora_configs_adapt_the_shipped_pipeline(name, monkeypatch):
     monkeypatch.chdir(REPO)  # the configs' paths are relative to the repository root, as the README runs them
     config = parse_config(DiTTrainingConfig, ["--config", str(CONFIGS / f"{name}.yaml")])
     transformer = train_dit.build_transformer(config, latent_channels=16, text_dim=384)
-    trainable = {name for name, parameter in transformer.named_parameters() if parameter.requires_grad}
-    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
-    blocks = transformer.config.num_layers
-    assert len(trainable) == 2 * 5 * blocks  # A and B on to_qkv, to_out, to_q, to_kv, to_out of each block
+    trainable = [key for key, parameter in transformer.named_parameters() if parameter.requires_grad]
+    assert trainable and all(".lora_A." in key or ".lora_B." in key for key in trainable)
+    # A and B on each block's five projections: attn1's to_qkv and to_out, attn2's to_q, to_kv and to_out.
+    assert len(trainable) == 2 * 5 * transformer.config.num_layers
 
 
 def test_a_pretrained_transformer_grows_by_its_overrides(tmp_path):

@@ -75,7 +75,9 @@ class TrainingConfig:
     train_data_dir: Optional[str] = None
     validation_data_dir: Optional[str] = None  # video_folder only; defaults to train_data_dir
     max_bad_fraction: float = 0.5  # video_folder only: unreadable videos are skipped; past this fraction the run stops
-    shapes_min_objects: int = ShapesConfig.min_objects  # shapes only: objects per clip (the generator draws 1 to 3)
+    # shapes only: objects per clip (the generator draws 1 to 3). With a latent cache they set the validation
+    # clips and what precompute_latents.py caches; training reads whatever the cache holds.
+    shapes_min_objects: int = ShapesConfig.min_objects
     shapes_max_objects: int = ShapesConfig.max_objects
     resolution: int = 64
     num_frames: int = 17
