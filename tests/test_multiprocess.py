@@ -1,4 +1,4 @@
-"""Distributed training on this CPU machine: a real 2-process DDP run, and the FSDP config built dry.
+"""Distributed training on this CPU machine: real 2-process DDP runs (full and LoRA), and the FSDP config built dry.
 
 The 2-process run uses `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2`
 (gloo); `--cpu --num_processes 2` would silently start one process (see NOTES.md).
@@ -16,7 +16,7 @@ import pytest
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
-from training_fixtures import write_tiny_bert, write_tiny_vae
+from training_fixtures import write_tiny_bert, write_tiny_pipeline, write_tiny_vae
 
 from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel
 from nanoi2v_diffusers.training.common import list_checkpoints
@@ -36,8 +36,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_run_on_cpu(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_two_process_ddp_run_on_cpu(tmp_path, lora):
     bert, vae, out = write_tiny_bert(tmp_path / "bert"), write_tiny_vae(tmp_path / "vae"), tmp_path / "run"
+    lora_args = []
+    if lora:  # only the adapter trains, so only its gradients are all-reduced
+        write_tiny_pipeline(tmp_path / "base", {"bert": bert, "vae": vae})
+        lora_args = ["--pretrained_transformer", str(tmp_path / "base"), "--lora_rank", "4"]
     command = [
         str(Path(sys.executable).with_name("accelerate")), "launch",
         "--multi_gpu", "--num_processes", str(NUM_PROCESSES), "--num_machines", "1",
@@ -45,7 +50,7 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
         str(REPO / "training" / "train_dit.py"), "--config", str(REPO / "training" / "configs" / "tiny.yaml"),
         "--output_dir", str(out), "--text_encoder", str(bert), "--pretrained_vae", str(vae),
         "--max_train_steps", str(NUM_STEPS), "--checkpointing_steps", str(NUM_STEPS), "--validation_steps", "100",
-        "--debug_rank_facts",
+        "--debug_rank_facts", *lora_args,
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=tmp_path)
@@ -69,7 +74,7 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
     assert rng_states == ["random_states_0.pkl", "random_states_1.pkl"]  # each process saved its own
     steps = [json.loads(line)["step"] for line in (out / TRAIN_LOG).read_text().splitlines()]
     assert steps[:NUM_STEPS] == list(range(1, NUM_STEPS + 1))  # one log, by the main process
-    assert (out / "model_index.json").is_file()
+    assert (out / ("pytorch_lora_weights.safetensors" if lora else "model_index.json")).is_file()
 
 
 def test_fsdp_config_fully_shards_and_wraps_each_transformer_block():

@@ -15,7 +15,13 @@ from accelerate import Accelerator
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
 from safetensors.torch import load_file
-from training_fixtures import assets, fresh_accelerator_state, single_thread, tiny_dit_argv  # noqa: F401
+from training_fixtures import (  # noqa: F401
+    assets,
+    fresh_accelerator_state,
+    single_thread,
+    tiny_dit_argv,
+    write_tiny_pipeline,
+)
 
 from nanoi2v_diffusers import NanoI2VPipeline
 from nanoi2v_diffusers.data.latent_cache import LatentCacheInfo
@@ -95,7 +101,7 @@ def test_tiny_run_saves_a_loadable_pipeline_with_ema_weights_card_and_videos(tmp
 def test_resumed_run_continues_with_exactly_the_same_losses(tmp_path, assets, lora):
     common = ("--gradient_accumulation_steps", "2", "--checkpoints_total_limit", "none", "--validation_steps", "100")
     if lora:
-        _save_base_pipeline(tmp_path / "base", assets)
+        write_tiny_pipeline(tmp_path / "base", assets)
         common += ("--pretrained_transformer", str(tmp_path / "base"), "--lora_rank", "4")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train_dit.main(_argv(full, assets, *common))
@@ -183,28 +189,12 @@ def test_bf16_run_with_builtin_text_encoder_saves_float32_without_it_and_pushes_
     assert all(value.dtype == torch.float32 for value in _safetensors(out / "vae").values())
 
 
-def _save_base_pipeline(folder: Path, assets) -> NanoI2VPipeline:
-    """A complete pipeline of the tiny config's sizes with random (non-zero) weights: a LoRA run's base."""
-    config = parse_config(DiTTrainingConfig, _argv(folder, assets))
-    vae = AutoencoderKLNanoI2V.from_pretrained(assets["vae"])
-    text_encoder, tokenizer = train_dit.load_text_encoder(str(assets["bert"]))
-    torch.manual_seed(0)
-    transformer = train_dit.build_transformer(config, vae.config.latent_channels, text_encoder.config.hidden_size)
-    with torch.no_grad():
-        for parameter in transformer.parameters():
-            parameter.normal_(std=0.05)  # a "trained" model: adaLN-Zero's zero outputs would hide the adapter
-    pipe = NanoI2VPipeline(vae=vae, transformer=transformer, scheduler=train_dit.build_noise_scheduler(config),
-                           text_encoder=text_encoder, tokenizer=tokenizer)  # fmt: skip
-    pipe.save_pretrained(folder)
-    return pipe
-
-
 def test_lora_run_trains_only_the_adapter_and_saves_it_for_load_lora_weights(tmp_path, assets, monkeypatch):
     uploads = {}
     monkeypatch.setattr(train_dit.hub_utils, "create_repo", lambda repo_id, **kwargs: repo_id)
     monkeypatch.setattr(train_dit.hub_utils, "upload_folder", lambda repo_id, folder_path, **kwargs: uploads.setdefault(
         repo_id, sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())))
-    base = _save_base_pipeline(tmp_path / "base", assets)
+    base = write_tiny_pipeline(tmp_path / "base", assets)
     out = tmp_path / "lora"
     train_dit.main(_argv(out, assets, "--pretrained_transformer", str(tmp_path / "base"), "--lora_rank", "4",
                          "--lora_alpha", "8", "--max_train_steps", "3", "--learning_rate", "1e-2",
@@ -244,7 +234,7 @@ def test_lora_run_trains_only_the_adapter_and_saves_it_for_load_lora_weights(tmp
 
 
 def test_lora_config_rules(tmp_path, assets):
-    _save_base_pipeline(tmp_path / "base", assets)
+    write_tiny_pipeline(tmp_path / "base", assets)
     with pytest.raises(ValueError, match="lora_rank needs pretrained_transformer to be a pipeline folder"):
         DiTTrainingConfig(lora_rank=4, pretrained_transformer=str(tmp_path / "base" / "transformer"))
     with pytest.raises(ValueError, match="lora_rank must be >= 1"):
