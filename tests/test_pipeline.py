@@ -43,8 +43,11 @@ def _add_random_lora(transformer: torch.nn.Module) -> None:
     """A PEFT LoRA adapter on every attention projection, randomly initialised so that it changes the output."""
     from peft import LoraConfig
 
-    targets = ["to_qkv", "to_q", "to_kv", "to_out"]
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    from nanoi2v_diffusers.training.train_dit import LORA_TARGET_MODULES
+
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=list(LORA_TARGET_MODULES), init_lora_weights=False)
+    )
 
 
 class CallRecorder:

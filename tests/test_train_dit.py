@@ -162,15 +162,21 @@ def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run_after_a_checkpoi
         assert torch.isfinite(value).all() and torch.equal(value, before[name]), name
 
 
-def test_bf16_run_with_builtin_text_encoder_saves_float32_without_it_and_pushes_only_the_pipeline(tmp_path, assets, monkeypatch):
-    uploads = {}
+@pytest.fixture
+def uploads(monkeypatch) -> dict:
+    """{repo_id: sorted relative paths of the files uploaded}, with the Hub calls replaced by fakes."""
+    uploaded = {}
 
     def fake_upload_folder(repo_id, folder_path, **kwargs):
-        uploads[repo_id] = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
-        return "https://huggingface.co/user/tiny/commit/0"
+        uploaded[repo_id] = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())
+        return f"https://huggingface.co/{repo_id}/commit/0"
 
     monkeypatch.setattr(train_dit.hub_utils, "create_repo", lambda repo_id, **kwargs: repo_id)
     monkeypatch.setattr(train_dit.hub_utils, "upload_folder", fake_upload_folder)
+    return uploaded
+
+
+def test_bf16_run_with_builtin_text_encoder_saves_float32_without_it_and_pushes_only_the_pipeline(tmp_path, assets, uploads):
     out = tmp_path / "run"
     argv = ["--config", str(TINY_CONFIG), "--output_dir", str(out), "--pretrained_vae", str(assets["vae"]),
             "--max_train_steps", "1", "--checkpointing_steps", "1", "--mixed_precision", "bf16",
@@ -189,11 +195,7 @@ def test_bf16_run_with_builtin_text_encoder_saves_float32_without_it_and_pushes_
     assert all(value.dtype == torch.float32 for value in _safetensors(out / "vae").values())
 
 
-def test_lora_run_trains_only_the_adapter_and_saves_it_for_load_lora_weights(tmp_path, assets, monkeypatch):
-    uploads = {}
-    monkeypatch.setattr(train_dit.hub_utils, "create_repo", lambda repo_id, **kwargs: repo_id)
-    monkeypatch.setattr(train_dit.hub_utils, "upload_folder", lambda repo_id, folder_path, **kwargs: uploads.setdefault(
-        repo_id, sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file())))
+def test_lora_run_trains_only_the_adapter_and_saves_it_for_load_lora_weights(tmp_path, assets, uploads):
     base = write_tiny_pipeline(tmp_path / "base", assets)
     out = tmp_path / "lora"
     train_dit.main(_argv(out, assets, "--pretrained_transformer", str(tmp_path / "base"), "--lora_rank", "4",
