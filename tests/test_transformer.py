@@ -10,6 +10,7 @@ from nanoi2v_diffusers.models.transformer_nanoi2v import (
     NanoI2VRotaryPosEmbed,
     NanoI2VTransformer3DModel,
     QKRMSNorm,
+    _RMSNorm,
     _full_attention,
     _spatial_attention,
     _temporal_attention,
@@ -239,30 +240,62 @@ def test_bf16_forward_on_cpu():
     assert relative_error < 0.05
 
 
-def test_bf16_autocast_forward_uses_one_dtype_in_qk_norm(monkeypatch):
-    """Under bf16 autocast (float32 weights), QK-norm gets bf16 queries and keys: its weight is cast to
-    match, so torch's fused RMSNorm kernel runs (a dtype mismatch falls back to separate ops and warns)."""
-    calls = []
-    rms_norm = F.rms_norm
+def saved_activation_bytes(fn, *inputs):
+    """Bytes of the distinct tensors autograd keeps for backward during `fn(*inputs)`, parameters excluded."""
+    params = {tensor.untyped_storage().data_ptr() for tensor in inputs if isinstance(tensor, torch.nn.Parameter)}
+    saved = {}
 
-    def recording_rms_norm(x, shape, weight=None, eps=None):
-        calls.append((x.dtype, weight.dtype))
-        return rms_norm(x, shape, weight, eps)
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
 
-    monkeypatch.setattr(F, "rms_norm", recording_rms_norm)
-    model = make_model()
-    inputs = make_inputs()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        sample = model(*inputs[:3], condition=inputs[3]).sample
-    assert torch.isfinite(sample).all()
-    assert calls and all(pair == (torch.bfloat16, torch.bfloat16) for pair in calls)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(*inputs)
+    return sum(saved.values())
+
+
+def test_qk_rms_norm_matches_torch_keeps_one_activation_less_and_keeps_bf16():
     norm = QKRMSNorm(16, eps=1e-6)
+    reference = torch.nn.RMSNorm(16, eps=1e-6)
     with torch.no_grad():
         norm.weight.normal_()
-    x = torch.randn(2, 5, 16)
-    reference = torch.nn.RMSNorm(16, eps=1e-6)
     reference.load_state_dict(norm.state_dict())  # same parameter names: saved models load unchanged
+    x = torch.randn(2, 5, 3, 16, requires_grad=True)
     torch.testing.assert_close(norm(x), reference(x), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), reference(x), rtol=0, atol=0)
+    grads = torch.autograd.grad(norm(x).sin().sum(), [x, norm.weight])
+    expected = torch.autograd.grad(reference(x).sin().sum(), [x, reference.weight])
+    for grad, reference_grad in zip(grads, expected):
+        torch.testing.assert_close(grad, reference_grad)
+    x64 = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    weight64 = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6), (x64, weight64))
+    one_activation = x.numel() * x.element_size()
+    assert saved_activation_bytes(reference, x) - saved_activation_bytes(norm, x) >= one_activation
+    # Under bf16 autocast the projections give bf16 queries while the weight stays float32.
+    x_bf16 = x.detach().bfloat16().requires_grad_()
+    out = norm(x_bf16)
+    out.float().sum().backward()
+    assert out.dtype == x_bf16.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(out.float(), reference(x.detach()), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_autocast_training_step_on_cpu():
+    model = make_model().train()
+    inputs = make_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sample = model(*inputs[:3], condition=inputs[3]).sample
+    sample.float().square().mean().backward()
+    grads = [param.grad for param in model.parameters() if param.requires_grad]
+    assert all(grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all() for grad in grads)
+    reference = make_model().train()
+    reference.load_state_dict(model.state_dict())
+    reference(*inputs[:3], condition=inputs[3]).sample.square().mean().backward()
+    ours, expected = (torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (model, reference))
+    assert (ours - expected).norm() / expected.norm() < 0.1
 
 
 def test_blocks_compile_without_graph_breaks():
@@ -277,6 +310,28 @@ def test_blocks_compile_without_graph_breaks():
         compiled = model(*inputs[:3], condition=inputs[3]).sample
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, reference)
+
+
+def test_blocks_compile_for_training_without_graph_breaks():
+    """The QK RMSNorm is an autograd Function in training: AOT autograd traces its backward too."""
+    model = make_model().train()
+    inputs = make_inputs()
+
+    def gradients():
+        model.zero_grad(set_to_none=True)
+        model(*inputs[:3], condition=inputs[3]).sample.square().mean().backward()
+        return {name: param.grad.clone() for name, param in model.named_parameters()}
+
+    reference = gradients()
+    torch._dynamo.reset()
+    try:
+        for block in model.blocks:
+            block.compile(fullgraph=True, backend="aot_eager")
+        compiled = gradients()
+    finally:
+        torch._dynamo.reset()
+    for name, grad in reference.items():
+        torch.testing.assert_close(compiled[name], grad, msg=name)
 
 
 @pytest.mark.parametrize(

@@ -70,13 +70,39 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return torch.addcmul(shift, x, 1 + scale)  # one fused pass for x * (1 + scale) + shift
 
 
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm (computed in at least float32) that keeps its input and the rows' rstd for backward, not the
+    normalised output: what torch's fused CUDA kernel keeps, where its composite CPU path keeps both."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x_wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(x_wide.square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return (x_wide * rstd * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        normalized = x.to(rstd.dtype) * rstd  # recomputed: one multiply
+        grad = grad.to(rstd.dtype)
+        grad_weight = (grad * normalized).sum_to_size(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_normalized = grad * weight
+        grad_x = rstd * (grad_normalized - normalized * (grad_normalized * normalized).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
 class QKRMSNorm(nn.RMSNorm):
-    """`nn.RMSNorm` with its weight cast to the input's dtype. Under bf16 autocast the projections give
-    bf16 queries and keys while the weight stays float32, and torch's fused RMSNorm kernel needs one
-    dtype for both (otherwise it falls back to separate ops, with a warning). It still accumulates in
-    float32; in float32 nothing changes."""
+    """`nn.RMSNorm` (same parameters) for per-head queries and keys, accumulating in float32 and
+    returning the input's dtype (bf16 under autocast, with a float32 weight).
+
+    Training off CUDA it is `_RMSNorm`, which keeps one activation per call fewer than torch's composite
+    CPU path. Otherwise it is torch's `rms_norm` (on CUDA a fused kernel that keeps no more, and needs
+    the weight cast to the input's dtype)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not x.is_cuda:
+            return _RMSNorm.apply(x, self.weight, self.eps)
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
