@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from nanoi2v_diffusers.conditioning import build_image_condition, num_condition_channels
 from nanoi2v_diffusers.models.transformer_nanoi2v import (
     TRANSFORMER_PRESETS,
+    NanoI2VFeedForward,
     NanoI2VRotaryPosEmbed,
     NanoI2VTransformer3DModel,
     QKRMSNorm,
@@ -281,6 +282,56 @@ def test_qk_rms_norm_matches_torch_keeps_one_activation_less_and_keeps_bf16():
     out.float().sum().backward()
     assert out.dtype == x_bf16.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
     torch.testing.assert_close(out.float(), reference(x.detach()), rtol=2e-2, atol=2e-2)
+
+
+def test_feed_forward_matches_diffusers_and_keeps_one_hidden_activation():
+    from diffusers.models.attention import FeedForward
+
+    ffn = NanoI2VFeedForward(16, 64)
+    reference = FeedForward(16, inner_dim=64, activation_fn="gelu")
+    reference.load_state_dict(ffn.state_dict())  # same weight names: saved models load unchanged
+    x = torch.randn(2, 32, 16, requires_grad=True)
+    torch.testing.assert_close(ffn(x), reference(x), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x), reference(x), rtol=0, atol=0)
+    for model in (ffn, reference):
+        model(x).sin().sum().backward()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(reference(x).sin().sum(), x)[0] * 2)
+    for (name, param), reference_param in zip(ffn.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.grad, reference_param.grad, msg=name)
+    hidden_activation = x.shape[0] * x.shape[1] * 64 * x.element_size()
+    saving = saved_activation_bytes(reference, x) - saved_activation_bytes(ffn, x)
+    assert saving == hidden_activation, (saving, hidden_activation)
+
+    ffn64 = NanoI2VFeedForward(4, 8).double()
+    x64 = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ffn64, (x64,))
+
+    # Under bf16 autocast: the product in bf16, gradients of the float32 weights in float32.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = ffn(x.detach()), reference(x.detach())
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for model in (ffn, reference):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x.detach()).float().sin().sum().backward()
+    for param, reference_param in zip(ffn.parameters(), reference.parameters()):
+        assert param.grad.dtype == torch.float32
+        torch.testing.assert_close(param.grad, reference_param.grad, rtol=2e-2, atol=2e-2)
+
+    # A LoRA layer in place of the output projection: plain autograd, so its own weights train.
+    class Wrapped(torch.nn.Module):
+        def __init__(self, linear):
+            super().__init__()
+            self.base, self.extra = linear, torch.nn.Linear(64, 16, bias=False)
+
+        def forward(self, h):
+            return self.base(h) + self.extra(h)
+
+    ffn.net[2] = Wrapped(ffn.net[2])
+    ffn(x).sum().backward()
+    assert ffn.net[2].extra.weight.grad is not None
 
 
 def test_bf16_autocast_training_step_on_cpu():

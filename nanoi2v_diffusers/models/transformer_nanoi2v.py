@@ -106,6 +106,52 @@ class QKRMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
+class _GELULinear(torch.autograd.Function):
+    """`F.linear(F.gelu(hidden), weight, bias)` keeping only `hidden` for backward.
+
+    Autograd would keep both the GELU's input (for its gradient) and its output (for the weight's
+    gradient), 2 x ffn_dim values per token; the output is recomputed in backward instead (one GELU,
+    no matrix product). Under autocast the product runs in the dtype it ran in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias):
+        out = F.linear(F.gelu(hidden), weight, bias)
+        ctx.save_for_backward(hidden, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight = ctx.saved_tensors
+        compute_weight = weight.to(grad_out.dtype)
+        grad_hidden = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_activation = (grad_out @ compute_weight).to(hidden.dtype)
+            grad_hidden = torch.ops.aten.gelu_backward(grad_activation, hidden)
+        if ctx.needs_input_grad[1]:
+            activation = F.gelu(hidden).to(grad_out.dtype).flatten(0, -2)  # recomputed: (tokens, ffn_dim)
+            grad_weight = (grad_out.flatten(0, -2).T @ activation).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.flatten(0, -2).sum(0).to(weight.dtype)
+        return grad_hidden, grad_weight, grad_bias
+
+
+class NanoI2VFeedForward(FeedForward):
+    """diffusers' GELU `FeedForward` (same modules, so the same weight names) whose training forward
+    keeps one (B, N, ffn_dim) activation instead of two (`_GELULinear`)."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__(dim, inner_dim=ffn_dim, activation_fn="gelu")  # exact GELU, no dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        activation, output = self.net[0], self.net[-1]
+        hidden = activation.proj(hidden_states)  # (B, N, ffn_dim)
+        # A LoRA layer on the output projection replaces the nn.Linear: then plain autograd.
+        if torch.is_grad_enabled() and type(output) is nn.Linear:
+            return _GELULinear.apply(hidden, output.weight, output.bias)
+        return output(activation.gelu(hidden))
+
+
 def _qk_norm(head_dim: int, enabled: bool, eps: float) -> nn.Module:
     return QKRMSNorm(head_dim, eps=eps) if enabled else nn.Identity()
 
@@ -264,7 +310,7 @@ class NanoI2VTextRefinerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = NanoI2VCrossAttention(dim, num_heads, head_dim, qk_norm, eps)  # called with q = kv: self-attention
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu")
+        self.ffn = NanoI2VFeedForward(dim, ffn_dim)
 
     def forward(
         self,
@@ -306,7 +352,7 @@ class NanoI2VTransformerBlock(nn.Module):
         self.attn2 = NanoI2VCrossAttention(dim, num_heads, head_dim, qk_norm, eps)
         self.norm3 = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         # Exact (erf) GELU: the tanh form only approximates it and is 2x slower forward + backward on CPU.
-        self.ffn = FeedForward(dim, inner_dim=ffn_dim, activation_fn="gelu")
+        self.ffn = NanoI2VFeedForward(dim, ffn_dim)
         # Per-block offsets on the shared timestep modulation (adaLN-single, as PixArt-alpha and Wan).
         self.scale_shift_table = nn.Parameter(torch.zeros(1, _num_modulations(attention_type), dim))
 
