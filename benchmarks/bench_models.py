@@ -3,6 +3,7 @@
     python benchmarks/bench_models.py                                  # the default sweep (~2.5 min, 2 idle cores)
     python benchmarks/bench_models.py --dit_sizes S --dit_videos 17x128x128 --vae_sizes --out s.json
     python benchmarks/bench_models.py --profile dit:S:17x128x128      # torch.profiler tables, both models
+    python benchmarks/bench_models.py --saved_activations dit:S:17x128x128   # activations kept for backward
 
 Pairs:
 - `NanoI2VTransformer3DModel` vs `WanTransformer3DModel`: Wan's config is derived from ours (width =
@@ -31,6 +32,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from tqdm.auto import tqdm
 
 from _measure import (
+    MIB,
     default_device,
     environment_info,
     markdown_table,
@@ -383,6 +385,52 @@ def profile(args, spec: str, steps: int = 3, row_limit: int = 20) -> None:
             print(prof.key_averages().table(sort_by=sort_by, row_limit=row_limit))
 
 
+def saved_activations_mib(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Tuple[float, Dict[str, float]]:
+    """MiB of the distinct tensors autograd keeps for backward during `forward()`, parameters excluded, in
+    total and by the module class whose forward saved them first."""
+    parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}
+    module_stack = ["(model)"]
+    saved, by_module = {}, {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters and storage.data_ptr() not in saved:
+            saved[storage.data_ptr()] = storage.nbytes()
+            by_module[module_stack[-1]] = by_module.get(module_stack[-1], 0) + storage.nbytes()
+        return tensor
+
+    def enter(module, args) -> None:
+        module_stack.append(type(module).__name__)
+
+    def leave(module, args, output) -> None:  # returns None: the output stays as it is
+        module_stack.pop()
+
+    hooks = [module.register_forward_pre_hook(enter) for module in model.modules()]
+    hooks += [module.register_forward_hook(leave) for module in model.modules()]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            forward()
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return sum(saved.values()) / MIB, {name: size / MIB for name, size in by_module.items()}
+
+
+def report_saved_activations(args, spec: str) -> None:
+    """Print the activations each DiT keeps for backward at `dit:SIZE:FxHxW`, by module class."""
+    family, size, video = spec.split(":")
+    if family != "dit":
+        raise ValueError(f"--saved_activations compares the transformers: dit:SIZE:FxHxW; got {spec!r}.")
+    device = torch.device(args.device)
+    inputs = dit_inputs(parse_video(video, family), args.batch_size, device)
+    for kind in ("ours", "wan"):
+        model = build_model(family, kind, size).to(device)
+        total, by_module = saved_activations_mib(model, lambda: dit_forward(kind, model, inputs))
+        print(f"\n## {kind}: {total:.1f} MiB of activations saved for backward ({size}, video {video})\n")
+        for name, mib in sorted(by_module.items(), key=lambda item: -item[1]):
+            print(f"- {name}: {mib:.1f} MiB")
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
@@ -403,6 +451,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="also write the rows and the environment as JSON here")
     parser.add_argument("--profile", metavar="FAMILY:SIZE:FxHxW", help="torch.profiler tables instead of the sweep, "
                         "e.g. dit:S:17x128x128 or vae:shapes-64:17x64x64")
+    parser.add_argument("--saved_activations", metavar="dit:SIZE:FxHxW", help="instead of the sweep, the activations "
+                        "each transformer keeps for backward (saved-tensor hooks), by module, e.g. dit:S:17x128x128")
     # Internal: one memory worker (see worker_main).
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--family", choices=("dit", "vae"), help=argparse.SUPPRESS)
@@ -424,6 +474,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     torch.set_num_threads(args.threads)
     if args.profile:
         profile(args, args.profile)
+        return []
+    if args.saved_activations:
+        report_saved_activations(args, args.saved_activations)
         return []
     for family, videos in (("dit", args.dit_videos), ("vae", args.vae_videos)):
         for video in videos:

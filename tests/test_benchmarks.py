@@ -118,6 +118,30 @@ def test_profile_warms_both_models_before_profiling_either(monkeypatch, capsys):
     assert f"## ours: dit tiny, video {TINY_VIDEO}" in out and f"## wan: dit tiny, video {TINY_VIDEO}" in out
 
 
+def test_saved_activations_counts_each_storage_once_by_module_and_leaves_outputs_alone():
+    class Twice(torch.nn.Module):  # saves its input for the square and the same storage again for the mul
+        def forward(self, x):
+            return x.square() * x
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Twice())
+    x = torch.randn(4, 8)
+    total, by_module = bench_models.saved_activations_mib(model, lambda: model(x))
+    one = 4 * 8 * 4 / bench_models.MIB  # a (4, 8) float32 tensor
+    # Linear keeps its input x (the weight is a parameter, not counted); Twice keeps its input (the Linear's
+    # output) once though two ops save it, and the square's output for the mul.
+    assert by_module == pytest.approx({"Linear": one, "Twice": 2 * one})
+    assert total == pytest.approx(3 * one)
+    assert torch.equal(model(x), model[1](model[0](x)))  # the hooks are gone and never changed an output
+
+
+def test_saved_activations_cli_prints_both_transformers(capsys):
+    bench_models.main(["--saved_activations", f"dit:tiny:{TINY_VIDEO}", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "## ours:" in out and "## wan:" in out and "- NanoI2VFeedForward:" in out
+    with pytest.raises(ValueError, match="dit:SIZE:FxHxW"):
+        bench_models.main(["--saved_activations", f"vae:tiny:{TINY_VIDEO}", "--device", "cpu"])
+
+
 # --------------------------------------------------------------------------------------------------
 # bench_vae_memory (the one test with a worker subprocess)
 # --------------------------------------------------------------------------------------------------
