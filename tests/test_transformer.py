@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from nanoi2v_diffusers.conditioning import build_image_condition, num_condition_channels
 from nanoi2v_diffusers.models.transformer_nanoi2v import (
     TRANSFORMER_PRESETS,
+    ModulatedLayerNorm,
     NanoI2VFeedForward,
     NanoI2VRotaryPosEmbed,
     NanoI2VTransformer3DModel,
@@ -255,6 +256,39 @@ def saved_activation_bytes(fn, *inputs):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         fn(*inputs)
     return sum(saved.values())
+
+
+def reference_modulated_norm(x, shift, scale):
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+
+
+def test_modulated_layer_norm_matches_layer_norm_then_modulation_and_keeps_one_activation_less():
+    norm = ModulatedLayerNorm(16, eps=1e-6)
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    shift, scale = (torch.randn(2, 1, 16, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(norm, (x, shift, scale))
+    for inputs in ((x, shift, scale), (x, shift.detach(), scale.detach())):  # a frozen modulation too
+        torch.testing.assert_close(norm(*inputs), reference_modulated_norm(*inputs), rtol=0, atol=1e-12)
+        with torch.no_grad():  # sampling takes torch's ops: the same values
+            torch.testing.assert_close(norm(*inputs), reference_modulated_norm(*inputs), rtol=0, atol=1e-12)
+        leaves = [t for t in inputs if t.requires_grad]
+        grads = torch.autograd.grad(norm(*inputs).square().sum(), leaves)
+        expected = torch.autograd.grad(reference_modulated_norm(*inputs).square().sum(), leaves)
+        for grad, reference in zip(grads, expected):
+            torch.testing.assert_close(grad, reference)
+    # Many tokens, so that the per-sample modulation and per-token statistics are small beside (B, N, dim).
+    x = torch.randn(2, 256, 16, requires_grad=True)
+    shift, scale = torch.randn(2, 1, 16), torch.randn(2, 1, 16, requires_grad=True)
+    one_activation = x.numel() * x.element_size()
+    ours = saved_activation_bytes(norm, x, shift, scale)
+    composite = saved_activation_bytes(reference_modulated_norm, x, shift, scale)
+    assert ours < 1.2 * one_activation < composite - 0.8 * one_activation, (ours, composite, one_activation)
+    # bf16 input (the first block under autocast) with float32 modulation, as the model has it.
+    x_bf16 = x.detach().bfloat16().requires_grad_()
+    out = norm(x_bf16, shift, scale)
+    out.sum().backward()
+    assert out.dtype == torch.float32 and x_bf16.grad.dtype == torch.bfloat16 and scale.grad.dtype == torch.float32
+    torch.testing.assert_close(out, reference_modulated_norm(x_bf16.float(), shift, scale), rtol=2e-2, atol=2e-2)
 
 
 def test_qk_rms_norm_matches_torch_keeps_one_activation_less_and_keeps_bf16():
