@@ -149,12 +149,12 @@ class _RMSNorm(torch.autograd.Function):
 
 
 class QKRMSNorm(nn.RMSNorm):
-    """`nn.RMSNorm` (same parameters) for per-head queries and keys, accumulating in float32 and
-    returning the input's dtype (bf16 under autocast, with a float32 weight).
+    """`nn.RMSNorm` (same parameters) for per-head queries and keys.
 
-    Training off CUDA it is `_RMSNorm`, which keeps one activation per call fewer than torch's composite
-    CPU path. Otherwise it is torch's `rms_norm` (on CUDA a fused kernel that keeps no more, and needs
-    the weight cast to the input's dtype)."""
+    Training off CUDA it is `_RMSNorm` (float32 accumulation, the input's dtype out, so bf16 under autocast
+    with a float32 weight), which keeps one activation per call fewer than torch's composite CPU path.
+    Otherwise it is torch's `rms_norm` with the weight cast to the input's dtype: its fused CUDA kernel
+    needs one dtype for both, and keeps no more for backward than `_RMSNorm`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and not x.is_cuda:
@@ -188,7 +188,7 @@ class _GELULinear(torch.autograd.Function):
             activation = F.gelu(hidden).to(grad_out.dtype).flatten(0, -2)  # recomputed: (tokens, ffn_dim)
             grad_weight = (grad_out.flatten(0, -2).T @ activation).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_out.flatten(0, -2).sum(0).to(weight.dtype)
+            grad_bias = grad_out.flatten(0, -2).sum(0).to(weight.dtype)  # nn.Linear: bias dtype = weight dtype
         return grad_hidden, grad_weight, grad_bias
 
 
