@@ -354,6 +354,13 @@ def test_feed_forward_matches_diffusers_and_keeps_one_hidden_activation():
         assert param.grad.dtype == torch.float32
         torch.testing.assert_close(param.grad, reference_param.grad, rtol=2e-2, atol=2e-2)
 
+    # A hook on the output projection (DeepSpeed ZeRO-3 gathers its weights in one) must run: plain autograd.
+    calls = []
+    handle = ffn.net[2].register_forward_pre_hook(lambda module, args: calls.append(module))
+    ffn(x).sum().backward()
+    handle.remove()
+    assert calls == [ffn.net[2]]
+
     # A LoRA layer in place of the output projection: plain autograd, so its own weights train.
     class Wrapped(torch.nn.Module):
         def __init__(self, linear):

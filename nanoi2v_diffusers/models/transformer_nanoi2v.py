@@ -202,10 +202,20 @@ class NanoI2VFeedForward(FeedForward):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         activation, output = self.net[0], self.net[-1]
         hidden = activation.proj(hidden_states)  # (B, N, ffn_dim)
-        # A LoRA layer on the output projection replaces the nn.Linear: then plain autograd.
-        if torch.is_grad_enabled() and type(output) is nn.Linear:
+        if torch.is_grad_enabled() and _is_bare_linear(output):
             return _GELULinear.apply(hidden, output.weight, output.bias)
         return output(activation.gelu(hidden))
+
+
+def _is_bare_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` whose weights can be used without calling it: no LoRA layer in its place, no hooks
+    (DeepSpeed ZeRO-3 gathers a layer's weights in one, diffusers' layerwise casting replaces `forward`)."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_pre_hooks
+        and not module._forward_hooks
+        and "forward" not in vars(module)
+    )
 
 
 def _qk_norm(head_dim: int, enabled: bool, eps: float) -> nn.Module:
