@@ -405,7 +405,7 @@ def test_blocks_compile_without_graph_breaks():
 
 
 def test_blocks_compile_for_training_without_graph_breaks():
-    """The QK RMSNorm is an autograd Function in training: AOT autograd traces its backward too."""
+    """In training the adaLN norms, QK RMSNorm and feed-forward are autograd Functions: AOT autograd traces their backward too."""
     model = make_model().train()
     inputs = make_inputs()
 
