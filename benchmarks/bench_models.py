@@ -385,7 +385,9 @@ def profile(args, spec: str, steps: int = 3, row_limit: int = 20) -> None:
             print(prof.key_averages().table(sort_by=sort_by, row_limit=row_limit))
 
 
-def saved_activations_mib(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Tuple[float, Dict[str, float]]:
+def saved_activations_mib(
+    model: torch.nn.Module, forward: Callable[[], torch.Tensor]
+) -> Tuple[float, Dict[str, float]]:
     """MiB of the distinct tensors autograd keeps for backward during `forward()`, parameters excluded, in
     total and by the module class whose forward saved them first."""
     parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}

@@ -405,7 +405,8 @@ def test_blocks_compile_without_graph_breaks():
 
 
 def test_blocks_compile_for_training_without_graph_breaks():
-    """In training the adaLN norms, QK RMSNorm and feed-forward are autograd Functions: AOT autograd traces their backward too."""
+    """In training the adaLN norms, QK RMSNorm and feed-forward are autograd Functions: AOT autograd
+    traces their backward too."""
     model = make_model().train()
     inputs = make_inputs()
 
