@@ -1,4 +1,5 @@
-"""Distributed training on this CPU machine: real 2-process DDP runs (full and LoRA), and the FSDP config built dry.
+"""Distributed training on this CPU machine: real 2-process DDP runs (full and LoRA), FSDP2 sharding of the
+transformer (full and LoRA) on two processes, and the FSDP config built dry.
 
 The 2-process run uses `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2`
 (gloo); `--cpu --num_processes 2` would silently start one process (see NOTES.md).
@@ -13,9 +14,12 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.launch import prepare_multi_gpu_env
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from training_fixtures import write_tiny_bert, write_tiny_pipeline, write_tiny_vae
 
 from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel
@@ -91,6 +95,68 @@ def test_fsdp_config_fully_shards_and_wraps_each_transformer_block():
     wrapped = [name for name, module in model.named_modules()
                if plugin.auto_wrap_policy(module=module, recurse=False, nonwrapped_numel=0)]  # fmt: skip
     assert wrapped == ["blocks.0", "blocks.1"]
+
+
+def _fsdp2_model_and_batch(lora: bool):
+    """A tiny trained-looking transformer (optionally with a LoRA adapter on every target) and a batch of 2."""
+    from test_transformer import make_inputs, make_model
+
+    torch.manual_seed(0)
+    model = make_model().train()
+    if lora:
+        from peft import LoraConfig
+
+        from nanoi2v_diffusers.training.train_dit import LORA_TARGET_MODULES
+
+        lora_config = LoraConfig(r=4, lora_alpha=4, target_modules=list(LORA_TARGET_MODULES), init_lora_weights=False)
+        model.add_adapter(lora_config)
+    torch.manual_seed(1)
+    return model, make_inputs(batch=2)
+
+
+def _flow_loss(model, inputs, rows=slice(None)) -> torch.Tensor:
+    latents, timestep, text, condition = (tensor[rows] for tensor in inputs)
+    return model(latents, timestep, text, condition=condition).sample.square().mean()
+
+
+def _fsdp2_worker(rank: int, port: int, lora: bool, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=NUM_PROCESSES)
+    try:
+        mesh = init_device_mesh("cpu", (NUM_PROCESSES,))
+        model, inputs = _fsdp2_model_and_batch(lora)
+        for block in model.blocks:  # one unit per block, as training/accelerate_configs/fsdp.yaml wraps
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        _flow_loss(model, inputs, slice(rank, rank + 1)).backward()  # each rank its own sample
+        grads = {name: param.grad.full_tensor() for name, param in model.named_parameters() if param.grad is not None}
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp2_sharded_gradients_equal_one_process(tmp_path, lora):
+    """FSDP2 (`fully_shard` per block, as accelerate's FSDP config; gloo on this CPU): the gradients
+    gathered from the shards of two processes, each with one sample, equal one process's on both. The
+    blocks' memory-saving autograd Functions read weights that FSDP unshards for the block's forward."""
+    out = tmp_path / "grads.pt"
+    torch.multiprocessing.spawn(
+        _fsdp2_worker, args=(_free_port(), lora, str(out)), nprocs=NUM_PROCESSES, join=True
+    )
+    model, inputs = _fsdp2_model_and_batch(lora)
+    _flow_loss(model, inputs).backward()
+    expected = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+    sharded = torch.load(out)
+    assert sorted(sharded) == sorted(expected)
+    if lora:  # only the adapter trains
+        assert expected and all("lora_" in name for name in expected)
+    else:
+        assert len(expected) == len(list(model.parameters()))
+    for name, grad in expected.items():
+        torch.testing.assert_close(sharded[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("name, distributed_type, processes", [
