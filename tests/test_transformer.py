@@ -404,15 +404,18 @@ def test_blocks_compile_without_graph_breaks():
     torch.testing.assert_close(compiled, reference)
 
 
-def test_blocks_compile_for_training_without_graph_breaks():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_blocks_compile_for_training_without_graph_breaks(autocast):
     """In training the adaLN norms, QK RMSNorm and feed-forward are autograd Functions: AOT autograd
-    traces their backward too."""
+    traces their backward too, also under autocast."""
     model = make_model().train()
     inputs = make_inputs()
 
     def gradients():
         model.zero_grad(set_to_none=True)
-        model(*inputs[:3], condition=inputs[3]).sample.square().mean().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            sample = model(*inputs[:3], condition=inputs[3]).sample
+        sample.float().square().mean().backward()
         return {name: param.grad.clone() for name, param in model.named_parameters()}
 
     reference = gradients()
