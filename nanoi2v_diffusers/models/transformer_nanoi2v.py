@@ -192,6 +192,17 @@ class _GELULinear(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias
 
 
+def _is_bare_linear(module: nn.Module) -> bool:
+    """An `nn.Linear` whose weights can be used without calling it: no LoRA layer in its place, no hooks
+    (DeepSpeed ZeRO-3 gathers a layer's weights in one, diffusers' layerwise casting replaces `forward`)."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_pre_hooks
+        and not module._forward_hooks
+        and "forward" not in vars(module)
+    )
+
+
 class NanoI2VFeedForward(FeedForward):
     """diffusers' GELU `FeedForward` (same modules, so the same weight names) whose training forward
     keeps one (B, N, ffn_dim) activation instead of two (`_GELULinear`)."""
@@ -205,17 +216,6 @@ class NanoI2VFeedForward(FeedForward):
         if torch.is_grad_enabled() and _is_bare_linear(output):
             return _GELULinear.apply(hidden, output.weight, output.bias)
         return output(activation.gelu(hidden))
-
-
-def _is_bare_linear(module: nn.Module) -> bool:
-    """An `nn.Linear` whose weights can be used without calling it: no LoRA layer in its place, no hooks
-    (DeepSpeed ZeRO-3 gathers a layer's weights in one, diffusers' layerwise casting replaces `forward`)."""
-    return (
-        type(module) is nn.Linear
-        and not module._forward_pre_hooks
-        and not module._forward_hooks
-        and "forward" not in vars(module)
-    )
 
 
 def _qk_norm(head_dim: int, enabled: bool, eps: float) -> nn.Module:
