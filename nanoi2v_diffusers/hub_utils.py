@@ -23,6 +23,7 @@ SAMPLES_DIR = "samples"
 WEIGHT_SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
+MODEL_INDEX = "model_index.json"  # a saved pipeline's index of components
 
 CARD_TEMPLATE = """---
 {card_data}
@@ -158,17 +159,23 @@ def _training_section(training_config: Optional[Mapping]) -> str:
     return f"## Training\n\n```yaml\n{as_yaml}```\n"
 
 
+def is_pipeline_folder(folder: PathLike) -> bool:
+    """Whether `folder` holds a saved pipeline (a `model_index.json`)."""
+    return (Path(folder) / MODEL_INDEX).is_file()
+
+
 def check_pipeline_folder(folder: PathLike) -> Dict[str, Path]:
-    """Check `folder` is a complete, pickle-free pipeline folder; return {component: folder}.
+    """Check `folder` is a complete, pickle-free pipeline folder, or LoRA weights for one, with a model card;
+    return {component: folder} (empty for LoRA weights).
 
     Raises ValueError naming the missing file, or the pickle file found.
     """
     folder = Path(folder)
-    index_path = folder / "model_index.json"
-    if not index_path.is_file() and (folder / LORA_WEIGHT_NAME).is_file():
-        _check_card_and_pickles(folder)
-        return {}  # LoRA weights for a pipeline published elsewhere: no components of its own
-    if not index_path.is_file():
+    index_path = folder / MODEL_INDEX
+    if not is_pipeline_folder(folder):
+        if (folder / LORA_WEIGHT_NAME).is_file():
+            _check_card_and_pickles(folder)
+            return {}  # LoRA weights for a pipeline published elsewhere: no components of its own
         raise ValueError(f"{folder} is not a pipeline folder: {index_path.name} is missing.")
     index = json.loads(index_path.read_text())
     components = {}

@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from diffusers.utils import logging
 
-from .hub_utils import PICKLE_SUFFIXES
+from .hub_utils import MODEL_INDEX, PICKLE_SUFFIXES
 
 logger = logging.get_logger(__name__)
 
@@ -40,7 +40,6 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".safetensors.index.json")
 ALLOWED_LIBRARIES = ("nanoi2v_diffusers", "diffusers", "transformers")
 # Keyword arguments that would run code shipped with a model; never needed for this package.
 REMOTE_CODE_KWARGS = ("trust_remote_code", "custom_pipeline", "custom_revision")
-MODEL_INDEX = "model_index.json"
 # accelerate's name for objects registered with `register_for_checkpointing` (read with weights_only=False).
 CUSTOM_CHECKPOINT_GLOB = "custom_checkpoint_*.pkl"
 

@@ -191,7 +191,7 @@ class DiTTrainingConfig(TrainingConfig):
             raise ValueError(f"lora_alpha must be > 0 or None (= lora_rank); got {self.lora_alpha}.")
         if not self.lora_target_modules:
             raise ValueError("lora_target_modules must name at least one module, e.g. ['to_qkv'].")
-        if not (self.pretrained_transformer and is_pipeline_folder(self.pretrained_transformer)):
+        if not (self.pretrained_transformer and hub_utils.is_pipeline_folder(self.pretrained_transformer)):
             raise ValueError(
                 "lora_rank needs pretrained_transformer to be a pipeline folder (with model_index.json): the "
                 f"pipeline the LoRA weights load into; got {self.pretrained_transformer!r}."
@@ -249,13 +249,9 @@ def grow_transformer(pretrained: NanoI2VTransformer3DModel, overrides: Dict[str,
     return grown
 
 
-def is_pipeline_folder(path: str) -> bool:
-    return (Path(path) / "model_index.json").is_file()
-
-
 def load_pretrained_transformer(path: str) -> NanoI2VTransformer3DModel:
     """The transformer saved at `path`: a transformer folder, or a pipeline folder (its `transformer/`)."""
-    subfolder = "transformer" if is_pipeline_folder(path) else None
+    subfolder = "transformer" if hub_utils.is_pipeline_folder(path) else None
     return NanoI2VTransformer3DModel.from_pretrained(path, subfolder=subfolder)
 
 
@@ -811,9 +807,9 @@ def publish(folder: Path, repo_id: str, private: bool = False) -> str:
     if (folder / hub_utils.LORA_WEIGHT_NAME).is_file():
         names.append(hub_utils.LORA_WEIGHT_NAME)
     else:
-        index = json.loads((folder / "model_index.json").read_text())
+        index = json.loads((folder / hub_utils.MODEL_INDEX).read_text())
         components = [name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None]
-        names += ["model_index.json", *components]
+        names += [hub_utils.MODEL_INDEX, *components]
     with tempfile.TemporaryDirectory() as staging:
         for name in names:
             source, target = folder / name, Path(staging) / name
