@@ -125,6 +125,26 @@ class PeakMemory:
         self.growth_mib = (peak - self._before) / MIB
 
 
+def saved_activation_bytes(
+    forward: Callable[[], object], exclude: Sequence[torch.Tensor] = (), label: Callable[[], str] = lambda: "total"
+) -> Dict[str, int]:
+    """Bytes of the distinct tensors autograd keeps for backward during `forward()`, each storage once and
+    those of `exclude` (the parameters) not at all, grouped by `label()` at the time a storage was first saved."""
+    excluded = {tensor.untyped_storage().data_ptr() for tensor in exclude}
+    seen, by_label = set(), {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            by_label[label()] = by_label.get(label(), 0) + storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return by_label
+
+
 def measure_peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     """Peak memory growth of one call of `fn`, in MiB; its result is dropped before returning."""
     with PeakMemory(device) as memory:

@@ -40,6 +40,7 @@ from _measure import (
     median,
     paired_ratio,
     run_worker,
+    saved_activation_bytes,
     time_interleaved,
     write_json,
 )
@@ -390,16 +391,7 @@ def saved_activations_mib(
 ) -> Tuple[float, Dict[str, float]]:
     """MiB of the distinct tensors autograd keeps for backward during `forward()`, parameters excluded, in
     total and by the module class whose forward saved them first."""
-    parameters = {param.untyped_storage().data_ptr() for param in model.parameters()}
     module_stack = ["(model)"]
-    saved, by_module = {}, {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters and storage.data_ptr() not in saved:
-            saved[storage.data_ptr()] = storage.nbytes()
-            by_module[module_stack[-1]] = by_module.get(module_stack[-1], 0) + storage.nbytes()
-        return tensor
 
     def enter(module, args) -> None:
         module_stack.append(type(module).__name__)
@@ -410,12 +402,11 @@ def saved_activations_mib(
     hooks = [module.register_forward_pre_hook(enter) for module in model.modules()]
     hooks += [module.register_forward_hook(leave) for module in model.modules()]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            forward()
+        by_module = saved_activation_bytes(forward, exclude=list(model.parameters()), label=lambda: module_stack[-1])
     finally:
         for handle in hooks:
             handle.remove()
-    return sum(saved.values()) / MIB, {name: size / MIB for name, size in by_module.items()}
+    return sum(by_module.values()) / MIB, {name: size / MIB for name, size in by_module.items()}
 
 
 def report_saved_activations(args, spec: str) -> None:

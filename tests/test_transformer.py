@@ -1,5 +1,8 @@
 """Tests for NanoI2VTransformer3DModel: shapes, masking, adaLN-Zero init, checkpointing, I/O, LoRA, training."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,9 @@ from nanoi2v_diffusers.models.transformer_nanoi2v import (
     _temporal_attention,
     apply_rotary_emb,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _measure  # noqa: E402  (the benchmarks' saved-activation counter, one implementation for both)
 
 LATENT_CHANNELS = 4
 TEXT_DIM = 24
@@ -243,19 +249,9 @@ def test_bf16_forward_on_cpu():
 
 
 def saved_activation_bytes(fn, *inputs):
-    """Bytes of the distinct tensors autograd keeps for backward during `fn(*inputs)`, parameters excluded."""
-    params = {tensor.untyped_storage().data_ptr() for tensor in inputs if isinstance(tensor, torch.nn.Parameter)}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn(*inputs)
-    return sum(saved.values())
+    """Bytes of the distinct tensors autograd keeps for backward during `fn(*inputs)`, `fn`'s parameters excluded."""
+    parameters = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+    return sum(_measure.saved_activation_bytes(lambda: fn(*inputs), exclude=parameters).values())
 
 
 def reference_modulated_norm(x, shift, scale):
