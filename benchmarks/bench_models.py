@@ -390,7 +390,12 @@ def saved_activations_mib(
     model: torch.nn.Module, forward: Callable[[], torch.Tensor]
 ) -> Tuple[float, Dict[str, float]]:
     """MiB of the distinct tensors autograd keeps for backward during `forward()`, parameters excluded, in
-    total and by the module class whose forward saved them first."""
+    total and by the module class whose forward saved them first.
+
+    The module stack is kept by global module hooks, not hooks on each module: a layer with hooks of its
+    own is not bare (`transformer_nanoi2v._is_bare_linear`), so the feed-forward would keep more."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
     module_stack = ["(model)"]
 
     def enter(module, args) -> None:
@@ -399,8 +404,7 @@ def saved_activations_mib(
     def leave(module, args, output) -> None:  # returns None: the output stays as it is
         module_stack.pop()
 
-    hooks = [module.register_forward_pre_hook(enter) for module in model.modules()]
-    hooks += [module.register_forward_hook(leave) for module in model.modules()]
+    hooks = [register_module_forward_pre_hook(enter), register_module_forward_hook(leave)]
     try:
         by_module = saved_activation_bytes(forward, exclude=list(model.parameters()), label=lambda: module_stack[-1])
     finally:

@@ -134,6 +134,23 @@ def test_saved_activations_counts_each_storage_once_by_module_and_leaves_outputs
     assert torch.equal(model(x), model[1](model[0](x)))  # the hooks are gone and never changed an output
 
 
+def test_saved_activations_by_module_sees_the_model_as_training_runs_it():
+    """The module labels must not change what is saved: hooks on a layer would make the feed-forward
+    fall back to plain autograd (a layer with hooks is not bare), which keeps one more activation."""
+    from test_transformer import make_inputs, make_model
+
+    model = make_model().train()
+    inputs = make_inputs()
+
+    def forward():
+        return model(*inputs[:3], condition=inputs[3]).sample
+
+    total, by_module = bench_models.saved_activations_mib(model, forward)
+    unlabelled = _measure.saved_activation_bytes(forward, exclude=list(model.parameters()))
+    assert total == pytest.approx(sum(unlabelled.values()) / MIB)
+    assert sum(by_module.values()) == pytest.approx(total)
+
+
 def test_saved_activations_cli_prints_both_transformers(capsys):
     bench_models.main(["--saved_activations", f"dit:tiny:{TINY_VIDEO}", "--device", "cpu"])
     out = capsys.readouterr().out
