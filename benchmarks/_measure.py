@@ -137,7 +137,8 @@ def saved_activation_bytes(
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in excluded and storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())
-            by_label[label()] = by_label.get(label(), 0) + storage.nbytes()
+            key = label()
+            by_label[key] = by_label.get(key, 0) + storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
