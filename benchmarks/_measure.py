@@ -153,10 +153,16 @@ def measure_peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     return memory.growth_mib
 
 
-def run_worker(script: str, args: Sequence[str], timeout: Optional[float] = None) -> dict:
-    """Run `python script --worker *args` in a fresh process and parse the JSON on its last stdout line."""
+def run_worker(script: str, args: Sequence[str], timeout: Optional[float] = None, pin_malloc: bool = True) -> dict:
+    """Run `python script --worker *args` in a fresh process and parse the JSON on its last stdout line.
+
+    With `pin_malloc` the worker gets `WORKER_MALLOC_ENV` (for memory measurements); without it, glibc's own
+    defaults: the environment's malloc settings and preloaded allocators are left out."""
     command = [sys.executable, script, "--worker", *map(str, args)]
-    env = {**os.environ, **WORKER_MALLOC_ENV}
+    if pin_malloc:
+        env = {**os.environ, **WORKER_MALLOC_ENV}
+    else:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"Worker {' '.join(command)} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")

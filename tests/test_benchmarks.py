@@ -15,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import their sibling `_measure` as run from that folder
 
 import _measure  # noqa: E402
+import bench_cpu_malloc  # noqa: E402
 import bench_models  # noqa: E402
 import bench_pipeline  # noqa: E402
 import bench_train_gpu  # noqa: E402
@@ -262,6 +263,30 @@ def test_bench_train_gpu_runs_on_cpu(tmp_path, capsys, precision):
     assert math.isfinite(result["final_loss"])
     assert json.loads(out.read_text())["rows"][0]["preset"] == "tiny"
     assert len(_table_lines(capsys.readouterr().out, "device")) == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_bench_cpu_malloc_times_both_settings_in_workers(tmp_path, capsys):
+    out = tmp_path / "malloc.json"
+    rows = bench_cpu_malloc.main([
+        "--models", "dit", "--video", TINY_VIDEO, "--dit_batch_size", "2",
+        "--rounds", "1", "--steps", "1", "--warmup", "0", "--out", str(out),
+    ])  # fmt: skip
+    (row,) = rows
+    assert row["model"] == "dit" and row["batch_size"] == 2
+    assert row["default_ms"] > 0 and row["kept_ms"] > 0 and row["default_peak_mib"] > 0
+    assert row["speedup"] == pytest.approx(row["default_ms"] / row["kept_ms"])  # one round: its own ratio
+    assert json.loads(out.read_text())["rows"] == rows
+    assert len(_table_lines(capsys.readouterr().out, "model")) == 3
+
+
+def test_bench_cpu_malloc_vae_step_trains_the_decoder_only():
+    step = bench_cpu_malloc.VAEDecoderStep(batch_size=1, video=(5, 32, 32))
+    encoder_before = [p.detach().clone() for p in step.vae.encoder.parameters()]
+    decoder_before = [p.detach().clone() for p in step.vae.decoder.parameters()]
+    step()
+    assert all(torch.equal(a, b) for a, b in zip(encoder_before, step.vae.encoder.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(decoder_before, step.vae.decoder.parameters()))
 
 
 def test_model_flops_split_video_and_text_parameters():

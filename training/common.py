@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from nanoi2v_diffusers.cpu_malloc import keep_freed_cpu_memory
 from nanoi2v_diffusers.data import ShapesConfig, ShapesDataset, VideoFolderDataset, collate_videos, write_video
 from nanoi2v_diffusers.safe_loading import check_checkpoint_pickles
 
@@ -235,6 +236,8 @@ def build_accelerator(config: TrainingConfig) -> Accelerator:
     # Without cpu=True on a machine with no accelerator, each process of a multi-process CPU launch
     # believes it is alone (no gloo process group, no gradient all-reduce).
     has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
+    if not has_accelerator:
+        keep_freed_cpu_memory()
     return Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
