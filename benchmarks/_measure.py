@@ -28,6 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from nanoi2v_diffusers.cpu_malloc import environment_without_malloc_settings
+
 MIB = 2**20
 KIB = 2**10
 # Allocations from this size up are mmapped (see the module docstring); pinning the threshold also
@@ -162,7 +164,7 @@ def run_worker(script: str, args: Sequence[str], timeout: Optional[float] = None
     if pin_malloc:
         env = {**os.environ, **WORKER_MALLOC_ENV}
     else:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+        env = environment_without_malloc_settings()
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"Worker {' '.join(command)} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
