@@ -107,10 +107,14 @@ def test_resumed_run_continues_with_exactly_the_same_losses(tmp_path, assets, lo
     train_dit.main(_argv(full, assets, *common))
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-3", resumed / "checkpoint-3")
+    # As if the run had died after logging step 6 with only checkpoint-3 saved: steps 4-6 must not be logged twice.
+    shutil.copy(full / train_dit.TRAIN_LOG, resumed / train_dit.TRAIN_LOG)
     train_dit.main(_argv(resumed, assets, *common, "--resume_from_checkpoint", "latest"))
 
+    records = [json.loads(line) for line in (resumed / train_dit.TRAIN_LOG).read_text().splitlines()]
+    assert [record["step"] for record in records if "loss" in record] == [1, 2, 3, 4, 5, 6]
+    assert ["summary" in record for record in records].count(True) == 1 and "summary" in records[-1]
     full_log, resumed_log = _log(full), _log(resumed)
-    assert sorted(resumed_log) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed_log[step]["loss"] == full_log[step]["loss"], step
 

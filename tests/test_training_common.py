@@ -1,5 +1,6 @@
 """The shared training utilities: config parsing, checkpoint rotation and resolution, data."""
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from nanoi2v_diffusers.training.common import (
     TrainingConfig,
     build_dataloader,
     build_dataset,
+    append_jsonl,
     checkpoint_step,
+    drop_records_after_step,
     infinite_batches,
     list_checkpoints,
     parse_config,
@@ -109,6 +112,20 @@ def test_checkpoint_rotation_and_latest(tmp_path):
     assert resolve_checkpoint(tmp_path, None) is None
     with pytest.raises(ValueError, match="neither 'latest' nor a checkpoint folder"):
         resolve_checkpoint(tmp_path, "checkpoint-99")
+
+
+def test_drop_records_after_step_keeps_the_checkpointed_steps_only(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    assert drop_records_after_step(log, 3) == 0 and not log.exists()  # no log yet: nothing to do
+    for step in range(1, 6):
+        append_jsonl(log, {"step": step, "loss": 1.0 / step})
+    append_jsonl(log, {"step": 5, "summary": {"steps": 5}})
+    with log.open("a") as handle:
+        handle.write('{"step": 6, "lo')  # a record torn by a kill mid-write
+    assert drop_records_after_step(log, 3) == 4  # steps 4 and 5, the summary, the torn line
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    assert drop_records_after_step(log, 3) == 0
+    assert not list(tmp_path.glob(".*"))  # no partial file left behind
 
 
 def test_shapes_data_and_infinite_batches():

@@ -450,6 +450,35 @@ def infinite_batches(dataloader: DataLoader) -> Iterator[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
+TRAIN_LOG = "train_log.jsonl"  # in output_dir: one JSON record per logged step, then a summary
+
+
+def drop_records_after_step(path: Union[str, os.PathLike], step: int) -> int:
+    """Remove the records of steps after `step` from a JSONL log (atomically); return how many were removed.
+
+    On resume, the steps after the checkpoint are trained again; without this, a run that died after its
+    last checkpoint would log those steps twice (a plot of the log would double back on itself).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) < len(lines):
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text("".join(kept), encoding="utf-8")
+        os.replace(partial, path)
+    return len(lines) - len(kept)
+
+
+def _record_step(line: str) -> float:
+    """The step of one JSONL record; infinite for a line that is not a whole record (torn by a kill mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+
+
 def append_jsonl(path: Union[str, os.PathLike], record: Dict[str, Any]) -> None:
     """One JSON record per line: a log that survives crashes and is trivial to read back."""
     path = Path(path)
@@ -474,4 +503,9 @@ def resume_if_requested(accelerator: Accelerator, config: TrainingConfig) -> int
         return 0
     accelerator.print(f"Resuming from {checkpoint}")
     load_checkpoint(accelerator, checkpoint)
-    return checkpoint_step(checkpoint)
+    step = checkpoint_step(checkpoint)
+    if accelerator.is_main_process:  # the only process that writes the log
+        dropped = drop_records_after_step(Path(config.output_dir) / TRAIN_LOG, step)
+        if dropped:
+            accelerator.print(f"Dropped {dropped} records after step {step} from {TRAIN_LOG}; those steps run again.")
+    return step

@@ -68,6 +68,7 @@ from nanoi2v_diffusers.pipelines.pipeline_nanoi2v import NanoI2VPipeline
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler
 from nanoi2v_diffusers.text_encoders import encode_text, load_text_encoder
 from nanoi2v_diffusers.training.common import (
+    TRAIN_LOG,
     NonFiniteLossError,  # noqa: F401 - raised by stop_on_nonfinite_streak; part of this script's API
     TrainingConfig,
     append_jsonl,
@@ -88,7 +89,6 @@ logger = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
 VALIDATION_FORMATS = ("gif", "mp4")
-TRAIN_LOG = "train_log.jsonl"
 # The attention projections of every block (self-attention's fused QKV, cross-attention's Q and fused KV).
 LORA_TARGET_MODULES = ("to_qkv", "to_q", "to_kv", "to_out")
 # The summary also averages the loss over the last steps: one step's loss (one batch at random noise

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from nanoi2v_diffusers.evaluation import psnr, ssim
 from nanoi2v_diffusers.models import VAE_PRESETS, AutoencoderKLNanoI2V
 from nanoi2v_diffusers.training.common import (
+    TRAIN_LOG,
     TrainingConfig,
     append_jsonl,
     build_accelerator,
@@ -344,7 +345,7 @@ class VAETrainer:
     def _log(self, logs: Dict[str, float]) -> None:
         self.accelerator.log(logs, step=self.global_step)
         if self.accelerator.is_main_process:
-            append_jsonl(self.output_dir / "train_log.jsonl", {"step": self.global_step, **logs})
+            append_jsonl(self.output_dir / TRAIN_LOG, {"step": self.global_step, **logs})
 
     def train(self) -> Dict[str, float]:
         config, accelerator = self.config, self.accelerator
@@ -394,7 +395,7 @@ class VAETrainer:
             if self.last_metrics.get("step") != self.global_step:  # e.g. resumed at max_train_steps
                 self._validate()
             summary.update({name: value for name, value in self.last_metrics.items() if name != "step"})
-            append_jsonl(self.output_dir / "train_log.jsonl", {"step": self.global_step, "summary": summary})
+            append_jsonl(self.output_dir / TRAIN_LOG, {"step": self.global_step, "summary": summary})
             accelerator.print(f"Saved the VAE to {self.output_dir}: {summary}")
         return summary
 
