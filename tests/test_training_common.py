@@ -15,9 +15,9 @@ from nanoi2v_diffusers.cpu_malloc import environment_without_malloc_settings
 from nanoi2v_diffusers.training import common
 from nanoi2v_diffusers.training.common import (
     TrainingConfig,
+    append_jsonl,
     build_dataloader,
     build_dataset,
-    append_jsonl,
     checkpoint_step,
     drop_records_after_step,
     infinite_batches,
