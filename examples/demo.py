@@ -62,6 +62,7 @@ TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage16.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage17.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage18.yaml"],
+    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage19.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/train_dit.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64_continue.yaml"],
