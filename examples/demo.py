@@ -43,26 +43,14 @@ DEMO_DIR = REPO / "outputs" / "demo"
 # its decoder alone, stage after stage (from the second on weighting frame 0); the DiT on 4000 cached
 # clips, then continued on 8000, 16000 and 32000, and longer on the same 32000. Stage counts are not
 # spelled out here (they drifted with every new stage): `find_or_train_model` counts them.
+LAST_VAE_STAGE = 20  # vae_shapes_64_stage5.yaml to _stage{LAST_VAE_STAGE}.yaml, each from the one before
 TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_images.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_decoder.yaml"],
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_first_frame.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage5.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage6.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage7.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage8.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage9.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage10.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage11.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage12.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage13.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage14.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage15.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage16.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage17.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage18.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_stage19.yaml"],
+    *(["training/train_vae.py", "--config", f"training/configs/vae_shapes_64_stage{n}.yaml"]
+      for n in range(5, LAST_VAE_STAGE + 1)),
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/train_dit.py", "--config", "training/configs/shapes_64.yaml"],
     ["training/precompute_latents.py", "--config", "training/configs/shapes_64_continue.yaml"],

@@ -39,6 +39,19 @@ def load_matching_vae(path: Path, pipe: NanoI2VPipeline) -> AutoencoderKLNanoI2V
     return vae
 
 
+VAE_NOTE = "The VAE in this folder is "
+
+
+def note_vae_in_card(card: Path, vae: Path) -> None:
+    """End the model card with one line naming the shipped VAE (replacing the line of an earlier swap)."""
+    kept = [line for line in card.read_text(encoding="utf-8").rstrip("\n").split("\n") if not line.startswith(VAE_NOTE)]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    note = (f"{VAE_NOTE}`{vae.as_posix()}`, a fine-tune of the training config's `pretrained_vae` with the same "
+            "encoder (so the same latents) and a retrained decoder.")
+    card.write_text("\n".join([*kept, "", note]) + "\n", encoding="utf-8")
+
+
 def ship(source: Path, target: Path, vae: Optional[Path] = None) -> int:
     """Write `source` (with the VAE at `vae`, if given) to `target` in float16; returns the weights' size in bytes."""
     # Loaded straight into float16: casting with `.to()` makes diffusers warn about fp32-kept modules.
@@ -53,9 +66,7 @@ def ship(source: Path, target: Path, vae: Optional[Path] = None) -> int:
             shutil.copy2(source / name, target / name)
     card = target / "README.md"
     if vae is not None and card.is_file():  # the card's training config names the VAE the DiT was trained with
-        with card.open("a", encoding="utf-8") as handle:
-            handle.write(f"\nThe VAE in this folder is `{vae.as_posix()}`, a fine-tune of the training config's "
-                         "`pretrained_vae` with the same encoder (so the same latents) and a retrained decoder.\n")
+        note_vae_in_card(card, vae)
     if (source / "samples").is_dir():
         shutil.copytree(source / "samples", target / "samples")
     return sum(path.stat().st_size for path in target.rglob("*.safetensors"))

@@ -587,7 +587,14 @@ class TestNanoI2VPipeline:
         vae.save_pretrained(tmp_path / "decoder_tuned")
         (tmp_path / "trained" / "README.md").write_text("model card\n")
         ship(tmp_path / "trained", tmp_path / "shipped", vae=tmp_path / "decoder_tuned")
+        assert (tmp_path / "shipped" / "README.md").read_text().startswith("model card\n")
         assert "decoder_tuned" in (tmp_path / "shipped" / "README.md").read_text()
+        # Re-shipping a shipped folder with a newer decoder names only the newer one.
+        vae.save_pretrained(tmp_path / "decoder_tuned_again")
+        ship(tmp_path / "shipped", tmp_path / "reshipped", vae=tmp_path / "decoder_tuned_again")
+        card = (tmp_path / "reshipped" / "README.md").read_text()
+        assert card.startswith("model card\n") and card.count("The VAE in this folder") == 1
+        assert "decoder_tuned_again" in card
         shipped = NanoI2VPipeline.from_pretrained(tmp_path / "shipped").vae
         torch.testing.assert_close(shipped.decoder.conv_out.conv.bias, vae.decoder.conv_out.conv.bias.half().float())
         with torch.no_grad():
