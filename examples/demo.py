@@ -41,8 +41,8 @@ DEMO_DIR = REPO / "outputs" / "demo"
 
 # The recipe of the built-in model, in order (README "Training"): the VAE on first frames, on clips, then
 # its decoder alone, stage after stage (from the second on weighting frame 0); the DiT on 4000 cached
-# clips, then continued on 8000, 16000 and 32000, and longer on the same 32000. Stage counts are not
-# spelled out here (they drifted with every new stage): `find_or_train_model` counts them.
+# clips, then continued on 8000, 16000 and 32000, and longer on the same 32000. This comment does not count
+# the stages (its counts drifted with every new stage): `find_or_train_model` counts them.
 LAST_VAE_STAGE = 23  # vae_shapes_64_stage5.yaml to _stage{LAST_VAE_STAGE}.yaml, each from the one before
 TRAINING_STEPS = (
     ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_images.yaml"],
