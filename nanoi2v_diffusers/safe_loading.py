@@ -216,8 +216,14 @@ def validate_pipeline_folder(folder: PathLike, pipeline_cls, allow_pickle: bool 
     folder = Path(folder)
     index_path = folder / MODEL_INDEX
     index, expected = _read_model_index(index_path, pipeline_cls), _component_annotations(pipeline_cls)
+    settings = {name: hint for name, hint in expected.items() if _is_setting(hint)}
+    for name, hint in settings.items():  # plain values that `register_to_config` saved beside the components
+        if index.get(name) is not None and not _matches(index[name], hint):
+            raise ConfigValidationError(f"{index_path}: key {name!r} must be {hint}; got {index[name]!r}.")
     optional = set(getattr(pipeline_cls, "_optional_components", ()))
     for name, annotation in expected.items():
+        if name in settings:
+            continue
         where = f"{index_path}: component {name!r}"
         if name in passed_components or (name in optional and index.get(name, [None, None]) == [None, None]):
             continue
@@ -245,6 +251,14 @@ def _read_model_index(index_path: Path, pipeline_cls) -> Dict[str, Any]:
         if not name.startswith("_") and name not in expected:
             raise ConfigValidationError(f"{index_path}: unknown component key {name!r}; expected {sorted(expected)}.")
     return index
+
+
+_SETTING_TYPES = (str, int, float, bool)
+
+
+def _is_setting(hint: Any) -> bool:
+    """A pipeline `__init__` parameter of a plain type (or Optional of one) is a setting, not a component."""
+    return all(arg in _SETTING_TYPES or arg is type(None) for arg in (typing.get_args(hint) or (hint,)))
 
 
 def _component_annotations(pipeline_cls) -> Dict[str, Any]:

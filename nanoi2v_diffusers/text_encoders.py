@@ -5,6 +5,7 @@ checked against a pinned sha256 before they are loaded (see NOTES.md); nothing i
 """
 
 import hashlib
+import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -87,13 +88,18 @@ def encode_text(
     device=None,
     dtype: Optional[torch.dtype] = None,
     pad_to_max_length: bool = False,
+    clause_separator: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Encode prompts to `(B, L, D)` hidden states and a `(B, L)` mask (1 = token, 0 = padding).
 
     Empty prompts get an all-zero mask (no text); padded positions are zeroed. Prompts longer than
     `max_sequence_length` tokens are truncated with a warning. `pad_to_max_length` gives a fixed
     `L = max_sequence_length` (for caches); otherwise L is the longest prompt in the batch.
+    `clause_separator` (a regular expression) encodes each clause of a prompt on its own, see `encode_clauses`.
     """
+    if clause_separator:
+        return encode_clauses(text_encoder, tokenizer, prompts, max_sequence_length, clause_separator,
+                              device=device, dtype=dtype, pad_to_max_length=pad_to_max_length)  # fmt: skip
     padding = "max_length" if pad_to_max_length else "longest"
     inputs = tokenizer(prompts, padding=padding, max_length=max_sequence_length, truncation=True, return_tensors="pt")
     lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
@@ -111,6 +117,54 @@ def encode_text(
     embeds = embeds * mask[..., None].to(embeds.dtype)
     return embeds.to(dtype) if dtype is not None else embeds, mask
 
+
+
+def split_clauses(prompt: str, clause_separator: str) -> List[str]:
+    """The parts of `prompt` between matches of the regular expression `clause_separator`, stripped, empty
+    parts dropped (an empty prompt stays one empty clause: no text)."""
+    if re.compile(clause_separator).groups:
+        raise ValueError(f"clause_separator must have no capturing groups (use (?:...)); got {clause_separator!r}.")
+    clauses = [part.strip() for part in re.split(clause_separator, prompt)]
+    return [clause for clause in clauses if clause] or [prompt]
+
+
+def encode_clauses(
+    text_encoder: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: List[str],
+    max_sequence_length: int,
+    clause_separator: str,
+    device=None,
+    dtype: Optional[torch.dtype] = None,
+    pad_to_max_length: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`encode_text` with each clause of a prompt encoded on its own, then the clauses' tokens joined in order.
+
+    A text encoder mixes every token with every other, so in "the red circle moves left and the blue square moves
+    up" the states of "left" and "up" both carry both objects, and which motion belongs to which object is left
+    for the DiT to work out. Encoded clause by clause ("the red circle moves left", "the blue square moves up"),
+    every token of a clause carries its own object and motion and nothing of the other clause.
+    """
+    clauses = [split_clauses(prompt, clause_separator) for prompt in prompts]
+    flat = [clause for prompt_clauses in clauses for clause in prompt_clauses]
+    embeds, mask = encode_text(text_encoder, tokenizer, flat, max_sequence_length, device=device, dtype=dtype)
+    rows, start = [], 0
+    for prompt_clauses in clauses:
+        stop = start + len(prompt_clauses)
+        rows.append(torch.cat([embeds[i][mask[i].bool()] for i in range(start, stop)]))  # (tokens, D)
+        start = stop
+    if any(len(row) > max_sequence_length for row in rows):
+        longest = max(len(row) for row in rows)
+        logger.warning(f"Prompt clauses total {longest} tokens, over max_sequence_length={max_sequence_length}: "
+                       "the last tokens were dropped.")  # fmt: skip
+        rows = [row[:max_sequence_length] for row in rows]
+    length = max_sequence_length if pad_to_max_length else max(1, max(len(row) for row in rows))
+    joined = embeds.new_zeros(len(prompts), length, embeds.shape[-1])
+    joined_mask = mask.new_zeros(len(prompts), length)
+    for index, row in enumerate(rows):
+        joined[index, : len(row)] = row
+        joined_mask[index, : len(row)] = 1
+    return joined, joined_mask
 
 # A word-level vocabulary covering the shapes captions, for tiny random text encoders (tests, smoke runs).
 _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")

@@ -29,7 +29,7 @@ from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DMod
 from nanoi2v_diffusers.safe_loading import safe_loading_kwargs, validate_pipeline_folder
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler, calculate_shift
 from nanoi2v_diffusers.size_rules import check_frame_count, check_multiple, nearest_multiple
-from nanoi2v_diffusers.text_encoders import encode_text, null_text_embeds
+from nanoi2v_diffusers.text_encoders import encode_text, null_text_embeds, split_clauses
 
 logger = logging.get_logger(__name__)
 
@@ -99,6 +99,9 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             `last_hidden_state` has `transformer.config.text_dim` features (BERT, T5 encoder, CLIP text).
         tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*): the text encoder's tokenizer.
             Both may be left out when `prompt_embeds` are passed in.
+        text_clause_separator (`str`, *optional*): a regular expression; when set, each clause of a prompt is
+            encoded on its own and the clauses' tokens are joined (`text_encoders.encode_clauses`), as the
+            transformer was trained. Saved in model_index.json.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -112,11 +115,15 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         scheduler: NanoI2VFlowMatchScheduler,
         text_encoder: Optional[PreTrainedModel] = None,
         tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        text_clause_separator: Optional[str] = None,
     ):
         super().__init__()
         self.register_modules(
             vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
+        if text_clause_separator is not None:
+            split_clauses("", text_clause_separator)  # a bad expression fails here, not at the first prompt
+        self.register_to_config(text_clause_separator=text_clause_separator)
         self.vae_scale_factor_spatial = vae.spatial_compression_ratio if vae is not None else 8
         self.vae_scale_factor_temporal = vae.temporal_compression_ratio if vae is not None else 4
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial, do_convert_rgb=True)
@@ -168,7 +175,8 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
                 "This pipeline has no text_encoder/tokenizer: pass prompt_embeds, or load the pipeline with "
                 "`NanoI2VPipeline.from_pretrained(path, text_encoder=..., tokenizer=...)`."
             )
-        return encode_text(self.text_encoder, self.tokenizer, prompt, max_sequence_length, device=device, dtype=dtype)
+        return encode_text(self.text_encoder, self.tokenizer, prompt, max_sequence_length, device=device, dtype=dtype,
+                           clause_separator=self.config.text_clause_separator)  # fmt: skip
 
     def encode_prompt(
         self,

@@ -109,7 +109,8 @@ def test_folder_without_info_file_is_not_a_cache(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [("vae_encoder_fingerprint", "other"), ("text_encoder_fingerprint", "other"),
-                                        ("latent_shape", (4, 3, 4, 4)), ("text_shape", (16, 32))])  # fmt: skip
+                                        ("latent_shape", (4, 3, 4, 4)), ("text_shape", (16, 32)),
+                                        ("text_clause_separator", " and ")])  # fmt: skip
 def test_mismatched_cache_is_refused_naming_the_setting(key, value):
     expected = dict(latent_shape=LATENT_SHAPE, text_shape=TEXT_SHAPE, vae_encoder_fingerprint="vae",
                     text_encoder_fingerprint="text")  # fmt: skip
@@ -119,9 +120,18 @@ def test_mismatched_cache_is_refused_naming_the_setting(key, value):
 
 
 def test_info_file_round_trips(tmp_path):
-    info = _info(num_clips=3, dtype="float16", source="shapes")
+    info = _info(num_clips=3, dtype="float16", source="shapes", text_clause_separator=" and ")
     info.save(tmp_path)
     assert LatentCacheInfo.load(tmp_path) == info
+
+
+def test_info_file_from_before_clause_encoding_reads_as_whole_captions(tmp_path):
+    _info().save(tmp_path)
+    path = tmp_path / CACHE_INFO_FILE
+    values = json.loads(path.read_text())
+    del values["text_clause_separator"]
+    path.write_text(json.dumps(values))
+    assert LatentCacheInfo.load(tmp_path).text_clause_separator is None
 
 
 def test_cache_of_another_format_version_is_refused(tmp_path):

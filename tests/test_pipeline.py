@@ -21,7 +21,9 @@ from nanoi2v_diffusers import hub_utils
 from nanoi2v_diffusers.conditioning import num_condition_channels
 from nanoi2v_diffusers.data import generate_shapes_clip, ShapesConfig
 from nanoi2v_diffusers.models.autoencoder_kl_nanoi2v import VAE_PRESETS
-from nanoi2v_diffusers.text_encoders import load_text_encoder, save_tiny_random_text_encoder
+from nanoi2v_diffusers.data.shapes import CAPTION_CLAUSE_SEPARATOR
+from nanoi2v_diffusers.safe_loading import ConfigValidationError
+from nanoi2v_diffusers.text_encoders import encode_clauses, load_text_encoder, save_tiny_random_text_encoder
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -503,6 +505,34 @@ class TestNanoI2VPipeline:
         loaded.set_progress_bar_config(disable=True)
         after = loaded(**self.get_dummy_inputs(output_type="latent")).frames
         torch.testing.assert_close(before, after, atol=0, rtol=0)
+
+    def test_text_clause_separator_is_saved_and_used_to_encode_prompts(self, tmp_path):
+        pipe = self.get_pipe(text_clause_separator=CAPTION_CLAUSE_SEPARATOR)
+        prompt = "the red circle moves up and to the left and a blue square moves down"
+        embeds, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False)
+        expected, expected_mask = encode_clauses(pipe.text_encoder, pipe.tokenizer, [prompt], 64,
+                                                 CAPTION_CLAUSE_SEPARATOR)  # fmt: skip
+        torch.testing.assert_close(embeds, expected)
+        assert torch.equal(mask, expected_mask)
+        plain, _, _, _ = self.get_pipe().encode_prompt(prompt, do_classifier_free_guidance=False)
+        assert plain.shape != embeds.shape or not torch.allclose(plain, embeds)  # two [CLS]/[SEP] pairs, other states
+
+        pipe.save_pretrained(tmp_path)
+        assert json.loads((tmp_path / "model_index.json").read_text())["text_clause_separator"] == CAPTION_CLAUSE_SEPARATOR
+        loaded = NanoI2VPipeline.from_pretrained(tmp_path)
+        assert loaded.config.text_clause_separator == CAPTION_CLAUSE_SEPARATOR
+        torch.testing.assert_close(loaded.encode_prompt(prompt, do_classifier_free_guidance=False)[0], embeds)
+
+    def test_bad_text_clause_separator_is_refused_at_construction_and_load(self, tmp_path):
+        with pytest.raises(ValueError, match="capturing groups"):
+            self.get_pipe(text_clause_separator="( and )")
+        self.get_pipe().save_pretrained(tmp_path)
+        index_path = tmp_path / "model_index.json"
+        index = json.loads(index_path.read_text())
+        assert index["text_clause_separator"] is None
+        index_path.write_text(json.dumps({**index, "text_clause_separator": 3}))
+        with pytest.raises(ConfigValidationError, match="'text_clause_separator' must be"):
+            NanoI2VPipeline.from_pretrained(tmp_path)
 
     def test_from_pretrained_with_dtype_and_component_override(self, tmp_path):
         self.get_pipe().save_pretrained(tmp_path)

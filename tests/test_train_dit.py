@@ -24,7 +24,9 @@ from training_fixtures import (  # noqa: F401
 )
 
 from nanoi2v_diffusers import NanoI2VPipeline
-from nanoi2v_diffusers.data.latent_cache import LatentCacheInfo
+from nanoi2v_diffusers.data.latent_cache import LatentCacheInfo, load_latent_cache
+from nanoi2v_diffusers.data.shapes import CAPTION_CLAUSE_SEPARATOR
+from nanoi2v_diffusers.text_encoders import encode_clauses, load_text_encoder, split_clauses
 from nanoi2v_diffusers.models import AutoencoderKLNanoI2V
 from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel
 from nanoi2v_diffusers.training import precompute_latents, train_dit
@@ -139,6 +141,35 @@ def test_training_from_the_cache_matches_training_on_the_fly(tmp_path, assets):
 
     with pytest.raises(ValueError, match="text_shape"):  # a cache made for other settings is refused
         train_dit.main(_argv(tmp_path / "mismatch", assets, "--cache_dir", str(cache), "--max_sequence_length", "12"))
+
+
+def test_clause_encoded_cache_trains_as_on_the_fly_and_the_pipeline_keeps_the_separator(tmp_path, assets):
+    clauses = ("--text_clause_separator", CAPTION_CLAUSE_SEPARATOR)
+    limit = ("--max_train_samples", "4", "--max_train_steps", "4", "--validation_steps", "100")
+    cache = tmp_path / "cache"
+    precompute_latents.main(_argv(tmp_path / "unused", assets, "--cache_dir", str(cache), *clauses, *limit))
+    assert LatentCacheInfo.load(cache).text_clause_separator == CAPTION_CLAUSE_SEPARATOR
+
+    train_dit.main(_argv(tmp_path / "cached", assets, "--cache_dir", str(cache), *clauses, *limit))
+    train_dit.main(_argv(tmp_path / "on_the_fly", assets, *clauses, *limit))
+    cached, on_the_fly = _log(tmp_path / "cached"), _log(tmp_path / "on_the_fly")
+    for step in (1, 2, 3, 4):
+        assert cached[step]["loss"] == pytest.approx(on_the_fly[step]["loss"], rel=1e-4), step
+    text_encoder, tokenizer = load_text_encoder(str(assets["bert"]))
+    row = load_latent_cache(cache)[0][0]
+    assert len(split_clauses(row["caption"], CAPTION_CLAUSE_SEPARATOR)) == 2  # the first clip has two objects
+    embeds, mask = encode_clauses(text_encoder, tokenizer, [row["caption"]], 32, CAPTION_CLAUSE_SEPARATOR)
+    assert torch.equal(row["prompt_attention_mask"][: mask.shape[1]].long(), mask[0])
+    torch.testing.assert_close(row["prompt_embeds"][: mask.shape[1]], embeds[0], atol=1e-5, rtol=1e-5)
+    index = json.loads((tmp_path / "cached" / "model_index.json").read_text())
+    assert index["text_clause_separator"] == CAPTION_CLAUSE_SEPARATOR
+
+    with pytest.raises(ValueError, match="text_clause_separator"):  # whole-caption training on a clause cache
+        train_dit.main(_argv(tmp_path / "mismatch", assets, "--cache_dir", str(cache), *limit))
+    continued = ("--pretrained_transformer", str(tmp_path / "cached"))  # e.g. a LoRA on the clause pipeline
+    train_dit.check_text_encoding_matches(parse_config(DiTTrainingConfig, _argv(tmp_path, assets, *continued, *clauses)))
+    with pytest.raises(ValueError, match="encodes prompts with text_clause_separator="):
+        train_dit.check_text_encoding_matches(parse_config(DiTTrainingConfig, _argv(tmp_path, assets, *continued)))
 
 
 def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run_after_a_checkpoint(tmp_path, assets, monkeypatch):
@@ -367,6 +398,14 @@ def test_shipped_configs_parse_and_build_their_transformer(name):
         transformer = train_dit.build_transformer(config, latent_channels=16, text_dim=384)
     assert transformer.config.in_channels == 33 and transformer.config.text_dim == 384
     assert config.resolution % 16 == 0 and (config.num_frames - 1) % 4 == 0
+
+
+def test_shipped_configs_that_encode_clauses_split_the_shapes_captions():
+    """A separator typed into a YAML file must be the one the shapes captions are made with."""
+    separators = {path.name: parse_config(DiTTrainingConfig, ["--config", str(path)]).text_clause_separator
+                  for path in sorted(CONFIGS.glob("shapes_64*.yaml"))}  # fmt: skip
+    assert separators["shapes_64_stage7.yaml"] is not None and separators["shapes_64_stage6.yaml"] is None
+    assert {value for value in separators.values() if value is not None} == {CAPTION_CLAUSE_SEPARATOR}
 
 
 @pytest.mark.parametrize("name", ["shapes_64_lora", "shapes_64_lora_three_objects"])

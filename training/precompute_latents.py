@@ -41,12 +41,14 @@ def cache_source_clips(config: DiTTrainingConfig) -> Subset:
 
 
 def encoded_batches(
-    loader: DataLoader, vae, text_encoder, tokenizer, max_sequence_length: int, progress: Optional[tqdm] = None
+    loader: DataLoader, vae, text_encoder, tokenizer, max_sequence_length: int, progress: Optional[tqdm] = None,
+    clause_separator: Optional[str] = None,
 ) -> Iterator[Dict[str, Union[torch.Tensor, List[str]]]]:
     """`encode_clips` of every batch of `loader`, with its captions."""
     for batch in loader:
         captions = batch["captions"]
-        encoded = encode_clips(vae, text_encoder, tokenizer, batch["pixel_values"], captions, max_sequence_length)
+        encoded = encode_clips(vae, text_encoder, tokenizer, batch["pixel_values"], captions, max_sequence_length,
+                               clause_separator)  # fmt: skip
         if progress is not None:
             progress.update(len(captions))
         yield {**encoded, "caption": captions}
@@ -65,6 +67,7 @@ def precompute(config: DiTTrainingConfig, device: Optional[Union[str, torch.devi
         num_clips=0,  # set when written
         vae_encoder_fingerprint=vae_encoder_fingerprint(vae),
         text_encoder_fingerprint=model_fingerprint(text_encoder),
+        text_clause_separator=config.text_clause_separator,
         dtype=config.cache_dtype,
         source=_describe_source(config),
     )
@@ -74,7 +77,8 @@ def precompute(config: DiTTrainingConfig, device: Optional[Union[str, torch.devi
     loader = DataLoader(clips, batch_size=config.train_batch_size, shuffle=False,
                         num_workers=config.dataloader_num_workers, collate_fn=collate_videos)  # fmt: skip
     with tqdm(total=len(clips), desc="Encoding clips", unit="clip") as progress:
-        batches = encoded_batches(loader, vae, text_encoder, tokenizer, config.max_sequence_length, progress)
+        batches = encoded_batches(loader, vae, text_encoder, tokenizer, config.max_sequence_length, progress,
+                                  config.text_clause_separator)  # fmt: skip
         return write_latent_cache(batches, config.cache_dir, info, num_shards=config.cache_num_shards)
 
 

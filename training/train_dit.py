@@ -115,6 +115,9 @@ class DiTTrainingConfig(TrainingConfig):
     vae_preset: str = "shapes-64"
     text_encoder: Optional[str] = None  # None: the built-in all-MiniLM-L6-v2; or a local transformers folder
     max_sequence_length: int = 64
+    # A regular expression: encode each clause of a caption on its own (text_encoders.encode_clauses); saved
+    # in the pipeline, which then encodes prompts the same way. The shapes captions' is CAPTION_CLAUSE_SEPARATOR.
+    text_clause_separator: Optional[str] = None
     transformer_preset: str = "S"  # a key of TRANSFORMER_PRESETS
     transformer_overrides: Optional[Dict[str, Any]] = None  # e.g. {num_layers: 8}; wins over the preset
     # With pretrained_transformer, overrides may add modules to it: see grow_transformer.
@@ -255,10 +258,25 @@ def load_pretrained_transformer(path: str) -> NanoI2VTransformer3DModel:
     return NanoI2VTransformer3DModel.from_pretrained(path, subfolder=subfolder)
 
 
+def check_text_encoding_matches(config: DiTTrainingConfig) -> None:
+    """A transformer taken from a pipeline folder learned prompts encoded as that pipeline encodes them: a run
+    that encodes its captions otherwise (`text_clause_separator`) would teach it, or a LoRA on it, another input."""
+    path = config.pretrained_transformer
+    if not (path and hub_utils.is_pipeline_folder(path)):
+        return
+    saved = json.loads((Path(path) / hub_utils.MODEL_INDEX).read_text(encoding="utf-8")).get("text_clause_separator")
+    if saved != config.text_clause_separator:
+        raise ValueError(
+            f"pretrained_transformer {path} encodes prompts with text_clause_separator={saved!r}, this run with "
+            f"{config.text_clause_separator!r}: set text_clause_separator to the pipeline's."
+        )
+
+
 def build_transformer(config: DiTTrainingConfig, latent_channels: int, text_dim: int) -> NanoI2VTransformer3DModel:
     """The transformer to train: from the preset, or the pretrained one (grown by the overrides); with
     `lora_rank`, frozen, with a fresh LoRA adapter as its only trainable parameters."""
     if config.pretrained_transformer:
+        check_text_encoding_matches(config)
         pretrained = load_pretrained_transformer(config.pretrained_transformer)
         transformer = grow_transformer(pretrained, config.transformer_overrides or {})
         if config.lora_rank is not None:
@@ -412,7 +430,7 @@ def build_validation_set(config: DiTTrainingConfig, text_encoder, tokenizer) -> 
     items = [dataset[index] for index in range(min(config.num_validation_samples, len(dataset)))]
     captions = [item["caption"] for item in items]
     embeds, mask = encode_text(text_encoder, tokenizer, captions, config.max_sequence_length,
-                               device=text_encoder.device)  # fmt: skip
+                               device=text_encoder.device, clause_separator=config.text_clause_separator)  # fmt: skip
     videos = torch.stack([item["pixel_values"] for item in items])
     return ValidationSet(videos, captions, embeds.float().cpu(), mask.cpu())
 
@@ -497,7 +515,8 @@ class DiTTrainer:
             table, info = load_latent_cache(config.cache_dir, rank, world_size)
             info.check_matches(latent_shape=latent_shape(self.vae, config), text_shape=self._text_shape(),
                                vae_encoder_fingerprint=self.vae_encoder_fingerprint,
-                               text_encoder_fingerprint=model_fingerprint(self.text_encoder))  # fmt: skip
+                               text_encoder_fingerprint=model_fingerprint(self.text_encoder),
+                               text_clause_separator=config.text_clause_separator)  # fmt: skip
             loader = build_resumable_dataloader(table, config, self.global_step, config.seed, collate_cache_rows)
             return iter(loader)
         dataset = self.train_dataset = build_dataset(config, split="train")
@@ -512,7 +531,7 @@ class DiTTrainer:
 
     def _encode(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         encoded = encode_clips(self.vae, self.text_encoder, self.tokenizer, batch["pixel_values"], batch["captions"],
-                               self.config.max_sequence_length)  # fmt: skip
+                               self.config.max_sequence_length, self.config.text_clause_separator)  # fmt: skip
         return {**encoded, "caption": batch["captions"]}
 
     # ---------------------------------------------------------------------------------------- steps
@@ -703,7 +722,8 @@ class DiTTrainer:
             vae = load_vae(config) if config.pretrained_vae else self.vae.float()
             text_encoder, tokenizer = load_text_encoder(config.text_encoder) if custom_text_encoder else (None, None)
             pipeline = NanoI2VPipeline(vae=vae, transformer=transformer.float(), scheduler=self.noise_scheduler,
-                                       text_encoder=text_encoder, tokenizer=tokenizer)  # fmt: skip
+                                       text_encoder=text_encoder, tokenizer=tokenizer,
+                                       text_clause_separator=config.text_clause_separator)  # fmt: skip
             pipeline.save_pretrained(self.output_dir)
         else:
             save_lora_weights(transformer, self.output_dir)

@@ -59,6 +59,7 @@ class LatentCacheInfo:
     num_clips: int
     vae_encoder_fingerprint: str  # `vae_encoder_fingerprint` of the VAE that encoded the clips
     text_encoder_fingerprint: str  # and of the text encoder
+    text_clause_separator: Optional[str] = None  # captions encoded clause by clause (`encode_clips`) when set
     dtype: str = "float32"
     source: str = ""  # a description of the data (dataset name, folder, resolution, frames)
     format_version: int = CACHE_FORMAT_VERSION
@@ -83,7 +84,7 @@ class LatentCacheInfo:
                 f"{CACHE_FORMAT_VERSION}; re-run training/precompute_latents.py."
             )
         known = {field.name for field in dataclasses.fields(cls)}
-        missing = sorted(known - set(values) - {"dtype", "source", "format_version"})
+        missing = sorted(known - set(values) - {"text_clause_separator", "dtype", "source", "format_version"})
         if missing:
             raise ValueError(f"{path} lacks the key(s) {missing}.")
         values = {key: value for key, value in values.items() if key in known}
@@ -91,13 +92,14 @@ class LatentCacheInfo:
         return cls(**values)
 
     def check_matches(self, *, latent_shape: Tuple[int, ...], text_shape: Tuple[int, int], vae_encoder_fingerprint: str,
-                      text_encoder_fingerprint: str) -> None:  # fmt: skip
+                      text_encoder_fingerprint: str, text_clause_separator: Optional[str] = None) -> None:  # fmt: skip
         """Raise ValueError naming the first setting where the cache and the training run disagree."""
         expected = {
             "latent_shape": tuple(latent_shape),
             "text_shape": tuple(text_shape),
             "vae_encoder_fingerprint": vae_encoder_fingerprint,
             "text_encoder_fingerprint": text_encoder_fingerprint,
+            "text_clause_separator": text_clause_separator,
         }
         for key, value in expected.items():
             if getattr(self, key) != value:
@@ -125,8 +127,9 @@ def vae_encoder_fingerprint(vae: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def encode_clips(vae, text_encoder, tokenizer, pixel_values: torch.Tensor, captions: Sequence[str],
-                 max_sequence_length: int) -> Dict[str, torch.Tensor]:  # fmt: skip
-    """Encode a batch once: the VAE posterior of the videos and the padded text states of the captions.
+                 max_sequence_length: int, clause_separator: Optional[str] = None) -> Dict[str, torch.Tensor]:  # fmt: skip
+    """Encode a batch once: the VAE posterior of the videos and the padded text states of the captions
+    (clause by clause with a `clause_separator`, see `nanoi2v_diffusers.text_encoders.encode_clauses`).
 
     Used both by the precompute script and by on-the-fly training, so the two see the same values.
     Returns `posterior_mean`, `posterior_std` `(B, C, T, h, w)`, `prompt_embeds` `(B, L, D)` and
@@ -134,7 +137,8 @@ def encode_clips(vae, text_encoder, tokenizer, pixel_values: torch.Tensor, capti
     """
     posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
     embeds, mask = encode_text(text_encoder, tokenizer, list(captions), max_sequence_length,
-                               device=text_encoder.device, pad_to_max_length=True)  # fmt: skip
+                               device=text_encoder.device, pad_to_max_length=True,
+                               clause_separator=clause_separator)  # fmt: skip
     return {"posterior_mean": posterior.mean, "posterior_std": posterior.std,
             "prompt_embeds": embeds, "prompt_attention_mask": mask}  # fmt: skip
 

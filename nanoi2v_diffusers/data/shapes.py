@@ -322,6 +322,10 @@ def _clause_pattern() -> "re.Pattern[str]":
 
 
 _CLAUSE = _clause_pattern()
+# Where `caption_for` joins two clauses: a joiner followed by the next clause's article (so the "and" of
+# "moves up and to the left" is not one). For `NanoI2VPipeline(text_clause_separator=...)` and the DiT training
+# config's `text_clause_separator`: each object's clause is then encoded on its own.
+CAPTION_CLAUSE_SEPARATOR = rf"(?:{'|'.join(_JOINERS)})(?=(?:{'|'.join(_ARTICLES)}) )"
 
 
 def swap_motions(caption: str) -> str:
