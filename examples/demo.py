@@ -4,9 +4,7 @@
     python examples/demo.py --train    # `make train-demo`: retrain the built-in model from scratch first
 
 Writes outputs/demo/*.mp4, *.gif and contact_sheet.png (one row per video, prompt underneath), then
-prints the evaluation metrics on fresh validation scenes. Every video is sampled with the prompt's
-swapped-motion caption as a negative prompt on a guidance term of its own (see README "Sampling against
-swapped motions"); the metrics are the same as `evaluate.py --swap-motions-negative --negative-guidance 2`.
+prints the evaluation metrics on fresh validation scenes, the same as `evaluate.py --n 64 --steps 20`.
 """
 
 import argparse
@@ -28,7 +26,6 @@ from nanoi2v_diffusers.data import (
     render_clip,
     sample_scene,
     shapes_split_seed,
-    swap_motions,
     with_motion,
     write_video,
 )
@@ -36,12 +33,13 @@ from nanoi2v_diffusers.evaluation.shapes_metrics import evaluate_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "examples" / "nanoi2v-shapes-64"
-TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage6"
+TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage8"
 DEMO_DIR = REPO / "outputs" / "demo"
 
 # The recipe of the built-in model, in order (README "Training"): the VAE on first frames, on clips, then
 # its decoder alone, stage after stage (from the second on weighting frame 0); the DiT on 4000 cached
-# clips, then continued on 8000, 16000 and 32000, and longer on the same 32000. This comment does not count
+# clips, then continued on 8000, 16000 and 32000, longer on the same 32000, and then on 8000 clips whose
+# captions are encoded clause by clause (text_clause_separator), twice. This comment does not count
 # the stages (its counts drifted with every new stage): `find_or_train_model` counts them.
 LAST_VAE_STAGE = 23  # vae_shapes_64_stage5.yaml to _stage{LAST_VAE_STAGE}.yaml, each from the one before
 TRAINING_STEPS = (
@@ -61,7 +59,11 @@ TRAINING_STEPS = (
     ["training/train_dit.py", "--config", "training/configs/shapes_64_stage4.yaml"],
     # Stages 5 and 6 train longer on stage 4's cache, so they have no precompute of their own.
     ["training/train_dit.py", "--config", "training/configs/shapes_64_stage5.yaml"],
-    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage6.yaml"],  # writes TRAINED_MODEL
+    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage6.yaml"],
+    ["training/precompute_latents.py", "--config", "training/configs/shapes_64_stage7.yaml"],
+    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage7.yaml"],
+    # Stage 8 trains longer on stage 7's cache.
+    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage8.yaml"],  # writes TRAINED_MODEL
 )
 
 # Demo scenes: validation seeds (never trained on), and one image shown with two different motions.
@@ -70,9 +72,6 @@ TEXT_SWAP_DIRECTIONS = ("left", "right")
 NUM_EVAL_SCENES = 64  # as `evaluate.py --n 64`, the README's table and the targets (about 45 s)
 NUM_STEPS = 20
 GUIDANCE = 5.0
-# Guidance away from the caption with the objects' motions exchanged, beside the usual guidance against no
-# text: a small gain over 512 scenes, clearest in text-swap (README "Sampling against swapped motions").
-NEGATIVE_GUIDANCE = 2.0
 FPS = 8
 
 
@@ -113,10 +112,8 @@ def generate_demo_videos(pipe, scenes: List[DemoScene]) -> List[np.ndarray]:
     frames = pipe(
         image=[scene.first_frame for scene in scenes],
         prompt=[scene.caption for scene in scenes],
-        negative_prompt=[swap_motions(scene.caption) for scene in scenes],
         num_inference_steps=NUM_STEPS,
         guidance_scale=GUIDANCE,
-        negative_guidance_scale=NEGATIVE_GUIDANCE,
         generator=[torch.Generator().manual_seed(i) for i in range(len(scenes))],
     ).frames
     return [video_to_uint8(video) for video in frames]
@@ -128,14 +125,11 @@ def print_metrics(pipe) -> None:
         num_scenes=NUM_EVAL_SCENES,
         num_inference_steps=NUM_STEPS,
         guidance_scale=GUIDANCE,
-        negative_prompt=swap_motions,
-        negative_guidance_scale=NEGATIVE_GUIDANCE,
     )
     print(f"\nEvaluation on fresh validation scenes:\n{format_table(results)}")
     print(
-        f"The same as: python examples/evaluate.py --model <model> --n {NUM_EVAL_SCENES} --steps {NUM_STEPS} "
-        f"--swap-motions-negative --negative-guidance {NEGATIVE_GUIDANCE:g} (without the last two flags: the model "
-        "with plain guidance); --n 256 for about half the standard error"
+        f"The same as: python examples/evaluate.py --model <model> --n {NUM_EVAL_SCENES} --steps {NUM_STEPS}; "
+        "--n 256 for about half the standard error"
     )
 
 

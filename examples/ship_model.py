@@ -1,6 +1,6 @@
 """Copy a trained pipeline folder into the repository as float16 safetensors (how examples/nanoi2v-shapes-64 is made).
 
-    python examples/ship_model.py outputs/nanoi2v-shapes-64-stage6 examples/nanoi2v-shapes-64
+    python examples/ship_model.py outputs/nanoi2v-shapes-64-stage8 examples/nanoi2v-shapes-64
     python examples/ship_model.py TRAINED_PIPELINE TARGET --vae outputs/vae-shapes-64-decoder  # swap in a decoder
 
 Keeps the model card (README.md), the training config and the final sample GIFs; drops checkpoints, logs

@@ -169,7 +169,8 @@ def test_built_in_recipe_chains_its_stages(monkeypatch):
             written[config.cache_dir] = config
         else:
             cache = written[config.cache_dir]
-            assert (cache.max_train_samples, cache.resolution) == (config.max_train_samples, config.resolution)
+            assert (cache.max_train_samples, cache.resolution, cache.text_clause_separator) == (
+                config.max_train_samples, config.resolution, config.text_clause_separator)  # fmt: skip
 
     images, clips, *decoders = vaes
     assert images.num_frames == 1 and images.pretrained_vae is None
@@ -182,9 +183,12 @@ def test_built_in_recipe_chains_its_stages(monkeypatch):
     assert dits[0].pretrained_transformer is None
     for before, after in zip(dits, dits[1:]):
         assert after.pretrained_transformer == str(Path(before.output_dir) / "transformer")
-        assert after.max_train_samples >= before.max_train_samples
-        # A stage either brings more clips in a cache of its own or trains longer on the last one's.
-        assert (after.cache_dir != before.cache_dir) == (after.max_train_samples > before.max_train_samples)
+        new_encoding = after.text_clause_separator != before.text_clause_separator
+        assert new_encoding or after.max_train_samples >= before.max_train_samples
+        # A stage either brings a cache of its own (more clips, or its captions encoded otherwise) or trains
+        # longer on the last one's.
+        assert (after.cache_dir != before.cache_dir) == (after.max_train_samples > before.max_train_samples
+                                                         or new_encoding)  # fmt: skip
     assert len({config.resolution for config in [*vaes, *dits]}) == 1
 
 

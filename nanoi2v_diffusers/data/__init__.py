@@ -1,6 +1,7 @@
 """Video decoding (PyAV), the built-in synthetic "shapes" dataset, and real-video datasets."""
 
 from .shapes import (
+    CAPTION_CLAUSE_SEPARATOR,
     DEFAULT_SPEED,
     DIRECTIONS,
     SHAPE_COLOURS,
@@ -35,6 +36,7 @@ from .video_io import (
 )
 
 __all__ = [
+    "CAPTION_CLAUSE_SEPARATOR",
     "DEFAULT_SPEED",
     "DIRECTIONS",
     "SHAPE_COLOURS",

@@ -514,6 +514,7 @@ def write_shapes_folder(
 
 
 __all__ = [
+    "CAPTION_CLAUSE_SEPARATOR",
     "DEFAULT_SPEED",
     "DIRECTIONS",
     "SHAPE_COLOURS",
