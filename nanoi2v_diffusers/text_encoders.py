@@ -118,7 +118,6 @@ def encode_text(
     return embeds.to(dtype) if dtype is not None else embeds, mask
 
 
-
 def split_clauses(prompt: str, clause_separator: str) -> List[str]:
     """The parts of `prompt` between matches of the regular expression `clause_separator`, stripped, empty
     parts dropped (an empty prompt stays one empty clause: no text)."""
@@ -165,6 +164,7 @@ def encode_clauses(
         joined[index, : len(row)] = row
         joined_mask[index, : len(row)] = 1
     return joined, joined_mask
+
 
 # A word-level vocabulary covering the shapes captions, for tiny random text encoders (tests, smoke runs).
 _SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
