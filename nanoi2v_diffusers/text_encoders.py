@@ -118,11 +118,16 @@ def encode_text(
     return embeds.to(dtype) if dtype is not None else embeds, mask
 
 
+def check_clause_separator(clause_separator: str) -> None:
+    """Raise if `clause_separator` is not a regular expression `re.split` can split on without returning matches."""
+    if re.compile(clause_separator).groups:
+        raise ValueError(f"clause_separator must have no capturing groups (use (?:...)); got {clause_separator!r}.")
+
+
 def split_clauses(prompt: str, clause_separator: str) -> List[str]:
     """The parts of `prompt` between matches of the regular expression `clause_separator`, stripped, empty
     parts dropped (an empty prompt stays one empty clause: no text)."""
-    if re.compile(clause_separator).groups:
-        raise ValueError(f"clause_separator must have no capturing groups (use (?:...)); got {clause_separator!r}.")
+    check_clause_separator(clause_separator)
     clauses = [part.strip() for part in re.split(clause_separator, prompt)]
     return [clause for clause in clauses if clause] or [prompt]
 

@@ -29,7 +29,7 @@ from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DMod
 from nanoi2v_diffusers.safe_loading import safe_loading_kwargs, validate_pipeline_folder
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler, calculate_shift
 from nanoi2v_diffusers.size_rules import check_frame_count, check_multiple, nearest_multiple
-from nanoi2v_diffusers.text_encoders import encode_text, null_text_embeds, split_clauses
+from nanoi2v_diffusers.text_encoders import check_clause_separator, encode_text, null_text_embeds
 
 logger = logging.get_logger(__name__)
 
@@ -122,7 +122,7 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             vae=vae, transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer
         )
         if text_clause_separator is not None:
-            split_clauses("", text_clause_separator)  # a bad expression fails here, not at the first prompt
+            check_clause_separator(text_clause_separator)  # fail here, not at the first prompt
         self.register_to_config(text_clause_separator=text_clause_separator)
         self.vae_scale_factor_spatial = vae.spatial_compression_ratio if vae is not None else 8
         self.vae_scale_factor_temporal = vae.temporal_compression_ratio if vae is not None else 4
