@@ -24,7 +24,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-# Retrain the built-in shapes model from scratch (VAE, latent cache, DiT), then run the demo.
+# The built-in model's recipe (training/configs/shapes_64_recipe.yaml: VAE, latent cache, DiT), its score against
+# the shipped model, then the demo with it. Stopped, it continues where it stopped when run again.
 train-demo: $(STAMP)
 	$(PY) examples/demo.py --train
 

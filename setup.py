@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-# `pipelines/` and `training/` live at the top level of the repository (see DESIGN.md) but are
+# `pipelines/` and `training/` live at the top level of the repository (see docs/design.md, "Layout") but are
 # installed under the one import namespace `nanoi2v_diffusers`, so that no top-level `pipelines`
 # or `training` module lands in site-packages.
 library_packages = find_packages(include=["nanoi2v_diffusers", "nanoi2v_diffusers.*"])

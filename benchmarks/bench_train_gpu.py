@@ -34,6 +34,7 @@ from _measure import MIB, default_device, environment_info, markdown_table, rss_
 from bench_models import LATENT_CHANNELS, TEXT_DIM, latent_grid, parse_video
 from nanoi2v_diffusers.conditioning import build_image_condition, num_condition_channels
 from nanoi2v_diffusers.models import TRANSFORMER_PRESETS, NanoI2VTransformer3DModel
+from nanoi2v_diffusers.models import transformer_nanoi2v as transformer_module
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler
 
 H100_BF16_DENSE_FLOPS = 989e12
@@ -59,6 +60,7 @@ COLUMNS = (
     ("batch", "batch_size", "d"),
     ("precision", "precision", ""),
     ("compile", "compile", ""),
+    ("autograd", "autograd", ""),
     ("grad ckpt", "gradient_checkpointing", ""),
     ("steps/s", "steps_per_second", ".3f"),
     ("tokens/s", "tokens_per_second", ".0f"),
@@ -145,13 +147,28 @@ def build_model(args, device: torch.device) -> NanoI2VTransformer3DModel:
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if args.compile:
-        model.compile_repeated_blocks(fullgraph=True)
+        model.compile_repeated_blocks(fullgraph=True, **({"mode": args.compile_mode} if args.compile_mode else {}))
     return model
+
+
+def write_kernel_profile(step: "TrainingStep", device: torch.device, path: Path, steps: int = 3) -> None:
+    """The operators and kernels of `steps` training steps by device time (CPU time off CUDA), as a table."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profile.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=80))
 
 
 def run(args) -> dict:
     device = torch.device(args.device)
     video = parse_video(args.video, "dit")
+    transformer_module.SAVE_ACTIVATION_MEMORY = not args.plain_autograd
     model = build_model(args, device)
     step = TrainingStep(model, args.batch_size, video, device, args.precision)
     for _ in tqdm(range(args.warmup), desc="warm-up (compiles on CUDA)", leave=False):
@@ -168,6 +185,8 @@ def run(args) -> dict:
         seconds = time.perf_counter() - start
     if not torch.isfinite(loss):
         raise RuntimeError(f"The loss is not finite ({loss.item()}): the timing would not be of a working step.")
+    if args.profile:
+        write_kernel_profile(step, device, args.profile)
 
     patch_grid = tuple(n // p for n, p in zip(latent_grid(video), model.config.patch_size))
     flops = model_flops_per_step(model, args.batch_size, patch_grid, TEXT_TOKENS)
@@ -181,7 +200,8 @@ def run(args) -> dict:
         "tokens": math.prod(patch_grid),
         "batch_size": args.batch_size,
         "precision": args.precision,
-        "compile": "yes" if args.compile else "no",
+        "compile": (args.compile_mode or "yes") if args.compile else "no",
+        "autograd": "plain" if args.plain_autograd else "memory-saving",
         "gradient_checkpointing": "yes" if args.gradient_checkpointing else "no",
         "steps_per_second": steps_per_second,
         "tokens_per_second": steps_per_second * args.batch_size * math.prod(patch_grid),
@@ -203,6 +223,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps first (compilation happens here)")
     parser.add_argument("--precision", choices=("bf16", "no"), default="bf16", help="bf16 autocast or float32")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="auto: on for CUDA")
+    parser.add_argument("--compile_mode", help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: its default)")
+    parser.add_argument("--plain_autograd", action="store_true",
+                        help="plain autograd instead of the memory-saving autograd Functions (SAVE_ACTIVATION_MEMORY)")
+    parser.add_argument("--profile", type=Path, help="write the operators and kernels of 3 more steps, by time, here")
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--peak_flops", type=float, default=H100_BF16_DENSE_FLOPS, help="device peak for MFU")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads")

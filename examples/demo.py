@@ -1,23 +1,23 @@
 """The main job: videos from built-in first frames and prompts, with a trained shapes model.
 
-    python examples/demo.py            # `make demo`: use the shipped model (or train one), generate, score
-    python examples/demo.py --train    # `make train-demo`: retrain the built-in model from scratch first
+    python examples/demo.py            # `make demo`: use the shipped model, generate, score
+    python examples/demo.py --train    # `make train-demo`: run the built-in model's recipe first, score it
+                                       # against the shipped model, then make the demo with it
 
 Writes outputs/demo/*.mp4, *.gif and contact_sheet.png (one row per video, prompt underneath), then
 prints the evaluation metrics on fresh validation scenes, the same as `evaluate.py --n 64 --steps 20`.
+`--train` can be stopped at any point and started again: the recipe continues where it stopped.
 """
 
 import argparse
-import collections
-import subprocess
-import sys
+import json
 from pathlib import Path
 from typing import List, NamedTuple
 
 import numpy as np
 import torch
-
-from evaluate import format_table  # examples/ is on sys.path when this file runs as a script
+from compare_evaluations import format_comparison  # examples/ is on sys.path when this file runs as a script
+from evaluate import _json_safe, format_table
 from generate import load_pipeline, video_to_uint8
 
 from nanoi2v_diffusers.contact_sheet import save_contact_sheet
@@ -30,41 +30,13 @@ from nanoi2v_diffusers.data import (
     write_video,
 )
 from nanoi2v_diffusers.evaluation.shapes_metrics import evaluate_pipeline
+from nanoi2v_diffusers.training import recipe
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = REPO / "examples" / "nanoi2v-shapes-64"
-TRAINED_MODEL = REPO / "outputs" / "nanoi2v-shapes-64-stage8"
+RECIPE = REPO / "training" / "configs" / "shapes_64_recipe.yaml"
 DEMO_DIR = REPO / "outputs" / "demo"
-
-# The recipe of the built-in model, in order (README "Training"): the VAE on first frames, on clips, then
-# its decoder alone, stage after stage (from the second on weighting frame 0); the DiT on 4000 cached
-# clips, then continued on 8000, 16000 and 32000, longer on the same 32000, and then on 8000 clips whose
-# captions are encoded clause by clause (text_clause_separator), twice. This comment does not count
-# the stages (its counts drifted with every new stage): `find_or_train_model` counts them.
-LAST_VAE_STAGE = 23  # vae_shapes_64_stage5.yaml to _stage{LAST_VAE_STAGE}.yaml, each from the one before
-TRAINING_STEPS = (
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_images.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_decoder.yaml"],
-    ["training/train_vae.py", "--config", "training/configs/vae_shapes_64_first_frame.yaml"],
-    *(["training/train_vae.py", "--config", f"training/configs/vae_shapes_64_stage{n}.yaml"]
-      for n in range(5, LAST_VAE_STAGE + 1)),
-    ["training/precompute_latents.py", "--config", "training/configs/shapes_64.yaml"],
-    ["training/train_dit.py", "--config", "training/configs/shapes_64.yaml"],
-    ["training/precompute_latents.py", "--config", "training/configs/shapes_64_continue.yaml"],
-    ["training/train_dit.py", "--config", "training/configs/shapes_64_continue.yaml"],
-    ["training/precompute_latents.py", "--config", "training/configs/shapes_64_stage3.yaml"],
-    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage3.yaml"],
-    ["training/precompute_latents.py", "--config", "training/configs/shapes_64_stage4.yaml"],
-    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage4.yaml"],
-    # Stages 5 and 6 train longer on stage 4's cache, so they have no precompute of their own.
-    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage5.yaml"],
-    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage6.yaml"],
-    ["training/precompute_latents.py", "--config", "training/configs/shapes_64_stage7.yaml"],
-    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage7.yaml"],
-    # Stage 8 trains longer on stage 7's cache.
-    ["training/train_dit.py", "--config", "training/configs/shapes_64_stage8.yaml"],  # writes TRAINED_MODEL
-)
+NUM_COMPARISON_SCENES = 256  # a trained model against the shipped one, scene by scene (evaluate.py --n 256)
 
 # Demo scenes: validation seeds (never trained on), and one image shown with two different motions.
 DEMO_SCENE_INDICES = (0, 1, 2)
@@ -81,18 +53,20 @@ class DemoScene(NamedTuple):
     caption: str
 
 
-def find_or_train_model(retrain: bool) -> Path:
-    """The shipped model, else one trained earlier by this script, else train one now."""
-    if not retrain:
-        for home in (SHIPPED_MODEL, TRAINED_MODEL):
-            if (home / "model_index.json").is_file():
-                return home
-    stages = collections.Counter(Path(script).name for script, *_ in TRAINING_STEPS)
-    print(f"No trained model found: training the built-in shapes model ({stages['train_vae.py']} VAE stages, "
-          f"{stages['train_dit.py']} DiT stages)...")
-    for step in TRAINING_STEPS:
-        subprocess.run([sys.executable, *step], cwd=REPO, check=True)
-    return TRAINED_MODEL
+def train_and_compare(steps_scale: float, num_scenes: int) -> Path:
+    """Run the recipe (or what is left of it), then score its pipeline beside the shipped model on the same scenes."""
+    trained = recipe.run(RECIPE, steps_scale=steps_scale, output_dir=None if steps_scale == 1 else
+                         f"outputs/shapes-64-scale-{steps_scale:g}")  # fmt: skip
+    results = {}
+    for name, model in (("shipped", SHIPPED_MODEL), ("trained", trained)):
+        print(f"Scoring the {name} model ({model}) on {num_scenes} validation scenes...")
+        results[name] = evaluate_pipeline(load_pipeline(str(model)), num_scenes=num_scenes, num_inference_steps=NUM_STEPS,
+                                          guidance_scale=GUIDANCE)  # fmt: skip
+        path = trained / f"eval_{name}_{num_scenes}.json"
+        path.write_text(json.dumps(_json_safe(results[name]), indent=1, allow_nan=False) + "\n")
+    print(f"\nThe trained model against the shipped one, scene by scene:\n"
+          f"{format_comparison(results['shipped'], results['trained'], 'shipped', 'trained')}")
+    return trained
 
 
 def demo_scenes(config: ShapesConfig) -> List[DemoScene]:
@@ -135,11 +109,15 @@ def print_metrics(pipe) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--train", action="store_true", help="retrain the built-in model first")
+    parser.add_argument("--train", action="store_true", help="run the built-in model's recipe first and use its model")
+    parser.add_argument("--steps-scale", type=float, default=1.0,
+                        help="with --train: every phase this fraction of its steps (a quick look at the recipe)")
+    parser.add_argument("--compare-scenes", type=int, default=NUM_COMPARISON_SCENES,
+                        help="with --train: scenes the trained and the shipped model are scored on")
     parser.add_argument("--skip-eval", action="store_true", help="only write the demo videos")
     args = parser.parse_args(argv)
 
-    model = find_or_train_model(args.train)
+    model = train_and_compare(args.steps_scale, args.compare_scenes) if args.train else SHIPPED_MODEL
     print(f"Model: {model}")
     pipe = load_pipeline(str(model))
     scenes = demo_scenes(ShapesConfig())

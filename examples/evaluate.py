@@ -25,6 +25,7 @@ TABLE_ROWS = (
     ("direction_accuracy_several_objects", "direction accuracy, 2+ object scenes (binding)", "-"),
     ("text_swap", "text-swap score", ">= 0.85"),
     ("first_frame_psnr", "first-frame PSNR (dB)", ">= 28"),
+    ("video_psnr", "whole-video PSNR vs the true clip (dB)", ">= 25"),
     ("centroid_error_px", "centroid error (px)", "lower"),
     ("visibility", "objects found", "1.0"),
     ("frechet_distance", "Frechet distance (colour/motion features, not FVD)", "lower"),

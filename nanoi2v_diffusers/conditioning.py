@@ -1,4 +1,4 @@
-"""Image conditioning shared by the pipeline and the training scripts (DESIGN.md section 5).
+"""Image conditioning shared by the pipeline and the training scripts (docs/design.md, "Conditioning").
 
 The transformer sees, concatenated on channels, the noisy latents, a conditioning video that holds
 the image latent at latent frame 0 and zeros elsewhere, and a one-channel mask marking that frame.

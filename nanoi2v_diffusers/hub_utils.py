@@ -9,11 +9,14 @@ training scripts write).
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
 
 import yaml
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+
+from .safe_loading import MODEL_INDEX, PICKLE_SUFFIXES
 
 PathLike = Union[str, Path]
 
@@ -21,9 +24,7 @@ PIPELINE_TAG = "image-to-video"
 DEFAULT_TAGS = ("diffusers", "image-to-video", "text-to-video", "video-generation", "nanoi2v", "flow-matching")
 SAMPLES_DIR = "samples"
 WEIGHT_SUFFIX = ".safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' save/load_lora_weights use
-MODEL_INDEX = "model_index.json"  # a saved pipeline's index of components
 
 CARD_TEMPLATE = """---
 {card_data}
@@ -214,3 +215,23 @@ def push_to_hub(
     create_repo(repo_id, private=private, token=token, exist_ok=True)
     commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token)
     return str(commit)
+
+
+def publish_folder(folder: PathLike, repo_id: str, private: bool = False) -> str:
+    """Push the pipeline (or LoRA) files of a training run's `folder` (not its checkpoints, logs or validation
+    videos) to the Hub; returns the commit URL."""
+    folder = Path(folder)
+    names = ["README.md", SAMPLES_DIR]
+    if (folder / LORA_WEIGHT_NAME).is_file():
+        names.append(LORA_WEIGHT_NAME)
+    else:
+        index = json.loads((folder / MODEL_INDEX).read_text())
+        names += [MODEL_INDEX, *(name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None)]
+    with tempfile.TemporaryDirectory() as staging:
+        for name in names:
+            source, target = folder / name, Path(staging) / name
+            if source.is_dir():
+                shutil.copytree(source, target)
+            elif source.is_file():
+                shutil.copy2(source, target)
+        return push_to_hub(staging, repo_id, private=private)

@@ -29,7 +29,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from diffusers.utils import logging
 
-from .hub_utils import MODEL_INDEX, PICKLE_SUFFIXES
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+MODEL_INDEX = "model_index.json"  # a saved pipeline's index of components
 
 logger = logging.get_logger(__name__)
 
@@ -396,3 +397,26 @@ def check_checkpoint_pickles(checkpoint_dir: PathLike) -> None:
                 f"{path} does not load with torch.load(weights_only=True) ({type(err).__name__}); accelerate would "
                 "unpickle it with weights_only=False, which can run arbitrary code. Refusing to resume from it."
             ) from None
+
+
+def check_local_path(name: str, value: Optional[PathLike]) -> None:
+    """Raise at once, naming the setting, when `value` names a local folder that does not exist.
+
+    A missing path that could be a Hub repo id (`user/model`) is left to the Hub, unless it cannot be one
+    here: offline (`HF_HUB_OFFLINE`), or its first part is a local folder (`outputs/run`).
+    """
+    if value is None or Path(value).exists():
+        return
+    text = str(value)
+    parts = text.split("/")
+    could_be_repo_id = (len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+                        and not os.environ.get("HF_HUB_OFFLINE") and not Path(parts[0]).is_dir())  # fmt: skip
+    if could_be_repo_id:
+        try:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            validate_repo_id(text)
+            return
+        except HFValidationError:
+            pass
+    raise ValueError(f"{name}: no such folder {text!r} (a local path that does not exist, and not a Hub repo id here).")

@@ -1,7 +1,7 @@
 """NanoI2VPipeline: image + text -> video with a causal 3D VAE, a DiT and flow matching.
 
 The image is encoded by the VAE as a one-frame video; its latent becomes latent frame 0 of a
-conditioning video that the transformer sees beside the noisy latents (DESIGN.md section 5,
+conditioning video that the transformer sees beside the noisy latents (docs/design.md, "Conditioning";
 `nanoi2v_diffusers.conditioning`). Without an image the pipeline does text-to-video, and without
 text (prompt None or "") unconditional generation.
 """

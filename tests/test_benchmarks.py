@@ -265,6 +265,19 @@ def test_bench_train_gpu_runs_on_cpu(tmp_path, capsys, precision):
     assert len(_table_lines(capsys.readouterr().out, "device")) == 3
 
 
+def test_bench_train_gpu_profiles_the_step_and_switches_to_plain_autograd(tmp_path, monkeypatch):
+    from nanoi2v_diffusers.models import transformer_nanoi2v
+
+    monkeypatch.setattr(transformer_nanoi2v, "SAVE_ACTIVATION_MEMORY", True)  # restored after the run flips it
+    result = bench_train_gpu.main([
+        "--device", "cpu", "--preset", "tiny", "--video", TINY_VIDEO, "--batch_size", "2", "--steps", "1",
+        "--warmup", "0", "--plain_autograd", "--profile", str(tmp_path / "profile.txt"),
+    ])  # fmt: skip
+    assert result["autograd"] == "plain" and not transformer_nanoi2v.SAVE_ACTIVATION_MEMORY
+    table = (tmp_path / "profile.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table  # the operators of the profiled steps, by time
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_bench_cpu_malloc_times_both_settings_in_workers(tmp_path, capsys):
     out = tmp_path / "malloc.json"

@@ -18,8 +18,8 @@ from test_video_io import write_audio_only
 from training_fixtures import assets, fresh_accelerator_state, single_thread, tiny_dit_argv  # noqa: F401
 
 from nanoi2v_diffusers.data import ShapesConfig, VideoFolderDataset, write_shapes_folder
-from nanoi2v_diffusers.training import common, train_dit, train_vae
-from nanoi2v_diffusers.training.common import (
+from nanoi2v_diffusers.training import train_dit, train_vae, trainer
+from nanoi2v_diffusers.training.trainer import (
     PARTIAL_CHECKPOINT_PREFIX,
     TrainingConfig,
     build_dataset,
@@ -99,14 +99,14 @@ def test_vae_training_skips_nonfinite_steps_and_stops_a_streak_after_a_checkpoin
     """(train_dit's counterpart: tests/test_train_dit.py::test_nonfinite_steps_are_skipped_and_a_streak_stops...)"""
     original, calls, bad_calls = train_vae.VAEWithPosterior.forward, [0], {2} | set(range(4, 100))
 
-    def sometimes_nan(self, pixels):
+    def sometimes_nan(self, pixels, generator=None):
         calls[0] += 1
-        reconstruction, kl = original(self, pixels)
+        reconstruction, kl = original(self, pixels, generator)
         return (reconstruction * float("inf"), kl) if calls[0] in bad_calls else (reconstruction, kl)
 
     monkeypatch.setattr(train_vae.VAEWithPosterior, "forward", sometimes_nan)
     out = tmp_path / "run"
-    with pytest.raises(common.NonFiniteLossError, match="max_nonfinite_steps=2"):
+    with pytest.raises(trainer.NonFiniteLossError, match="max_nonfinite_steps=2"):
         train_vae.main(["--config", str(VAE_TINY_CONFIG), "--output_dir", str(out), "--max_train_steps", "8",
                         "--checkpointing_steps", "3", "--checkpoints_total_limit", "none", "--validation_steps", "100",
                         "--max_nonfinite_steps", "2"])  # fmt: skip
@@ -128,14 +128,14 @@ def test_crash_while_deleting_an_old_checkpoint_never_leaves_a_half_checkpoint(t
     accelerator.prepare(torch.nn.Linear(2, 2))
     for step in (1, 2):
         save_checkpoint(accelerator, tmp_path, step, total_limit=2)
-    real_rmtree = common.shutil.rmtree
+    real_rmtree = trainer.shutil.rmtree
 
     def crash_on_stale(path, *args, **kwargs):
-        if Path(path).name.startswith(common.STALE_CHECKPOINT_PREFIX) and not kwargs.get("ignore_errors"):
+        if Path(path).name.startswith(trainer.STALE_CHECKPOINT_PREFIX) and not kwargs.get("ignore_errors"):
             raise KeyboardInterrupt("killed while deleting")
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(common.shutil, "rmtree", crash_on_stale)
+    monkeypatch.setattr(trainer.shutil, "rmtree", crash_on_stale)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(accelerator, tmp_path, 3, total_limit=2)  # rotation deletes checkpoint-1
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
@@ -150,7 +150,7 @@ def test_crash_while_deleting_an_old_checkpoint_never_leaves_a_half_checkpoint(t
 
 def _assert_complete(checkpoint: Path) -> None:
     """Every file `accelerator.load_state` reads is there and parses."""
-    assert checkpoint.name.startswith(common.CHECKPOINT_PREFIX), checkpoint
+    assert checkpoint.name.startswith(trainer.CHECKPOINT_PREFIX), checkpoint
     assert load_file(str(checkpoint / "model.safetensors"))
     for name in ("optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl"):
         torch.load(checkpoint / name, weights_only=True)
@@ -178,7 +178,7 @@ def _wait_until(condition, process: subprocess.Popen, what: str) -> None:
 def _kill_once(out: Path, argv: list, how: str, seed: int, stderr_path: Path) -> None:
     rng = random.Random(seed)
     latest = resolve_checkpoint(out, "latest")
-    resumed_at = common.checkpoint_step(latest) if latest else 0
+    resumed_at = trainer.checkpoint_step(latest) if latest else 0
     already_logged = len(_records(out))
     process = _launch([*argv, "--resume_from_checkpoint", "latest"], stderr_path)
     if how == "step":

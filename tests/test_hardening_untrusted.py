@@ -25,7 +25,7 @@ from nanoi2v_diffusers.safe_loading import (
     load_state_dict_file,
 )
 from nanoi2v_diffusers.text_encoders import TextEncoderIntegrityError, verify_minilm
-from nanoi2v_diffusers.training.common import load_checkpoint
+from nanoi2v_diffusers.training.trainer import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("nanoi2v_diffusers", "pipelines", "training", "examples", "benchmarks")

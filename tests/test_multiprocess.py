@@ -22,9 +22,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from training_fixtures import write_tiny_bert, write_tiny_pipeline, write_tiny_vae
 
+from nanoi2v_diffusers.data import ShapesConfig, write_shapes_folder
 from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel
-from nanoi2v_diffusers.training.common import list_checkpoints
-from nanoi2v_diffusers.training.train_dit import RANK_FACTS_DIR, TRAIN_LOG
+from nanoi2v_diffusers.training.train_dit import TRAIN_LOG
+from nanoi2v_diffusers.training.trainer import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = REPO / "training" / "accelerate_configs"
@@ -47,14 +48,19 @@ def test_two_process_ddp_run_on_cpu(tmp_path, lora):
     if lora:  # only the adapter trains, so only its gradients are all-reduced
         write_tiny_pipeline(tmp_path / "base", {"bert": bert, "vae": vae})
         lora_args = ["--pretrained_transformer", str(tmp_path / "base"), "--lora_rank", "4"]
+    else:  # a folder of videos, two of them unreadable: one in each process's half
+        videos = write_shapes_folder(tmp_path / "videos", 8, config=ShapesConfig(canvas_size=32, num_frames=5))
+        for name in ("clip_00001.mp4", "clip_00005.mp4"):
+            (videos / name).write_bytes(b"not a video" * 100)
+        lora_args = ["--dataset", "video_folder", "--train_data_dir", str(videos)]
     command = [
         str(Path(sys.executable).with_name("accelerate")), "launch",
         "--multi_gpu", "--num_processes", str(NUM_PROCESSES), "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-        str(REPO / "training" / "train_dit.py"), "--config", str(REPO / "training" / "configs" / "tiny.yaml"),
+        str(REPO / "tests" / "ddp_probe.py"), "--config", str(REPO / "training" / "configs" / "tiny.yaml"),
         "--output_dir", str(out), "--text_encoder", str(bert), "--pretrained_vae", str(vae),
         "--max_train_steps", str(NUM_STEPS), "--checkpointing_steps", str(NUM_STEPS), "--validation_steps", "100",
-        "--debug_rank_facts", *lora_args,
+        *lora_args,
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=tmp_path)
@@ -62,7 +68,7 @@ def test_two_process_ddp_run_on_cpu(tmp_path, lora):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "terminate called" not in result.stderr  # the DDP teardown fix holds
 
-    facts = [json.loads((out / RANK_FACTS_DIR / f"rank-{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
+    facts = [json.loads((out / "rank_facts" / f"rank-{rank}.json").read_text()) for rank in range(NUM_PROCESSES)]
     assert [fact["rank"] for fact in facts] == [0, 1]
     assert all(fact["world_size"] == NUM_PROCESSES and fact["steps"] == NUM_STEPS for fact in facts)
     assert all(fact["distributed_type"] == "DistributedType.MULTI_CPU" for fact in facts)
@@ -76,8 +82,10 @@ def test_two_process_ddp_run_on_cpu(tmp_path, lora):
     assert len(list(checkpoint.glob("model*.safetensors"))) == 1  # the weights, written once by the main process
     rng_states = sorted(path.name for path in checkpoint.glob("random_states_*.pkl"))
     assert rng_states == ["random_states_0.pkl", "random_states_1.pkl"]  # each process saved its own
-    steps = [json.loads(line)["step"] for line in (out / TRAIN_LOG).read_text().splitlines()]
-    assert steps[:NUM_STEPS] == list(range(1, NUM_STEPS + 1))  # one log, by the main process
+    records = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
+    assert [record["step"] for record in records][:NUM_STEPS] == list(range(1, NUM_STEPS + 1))  # one log, by rank 0
+    if not lora:  # each process skipped the bad file of its half; the summary counts both
+        assert records[-1]["summary"]["num_bad_video_files"] == 2
     assert (out / ("pytorch_lora_weights.safetensors" if lora else "model_index.json")).is_file()
 
 

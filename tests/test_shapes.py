@@ -27,7 +27,7 @@ TINY = ShapesConfig(canvas_size=32, num_frames=5)
 THREE = ShapesConfig(canvas_size=64, num_frames=3, min_objects=3, max_objects=3)
 SEEDS = range(40)
 
-# The wording DESIGN.md section 6 fixes, written out independently of the module's tables.
+# The wording docs/design.md ("The shapes dataset") fixes, written out independently of the module's tables.
 SPEC_COLOURS = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),

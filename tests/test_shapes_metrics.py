@@ -20,6 +20,7 @@ from nanoi2v_diffusers.data import (
 from nanoi2v_diffusers.evaluation.shapes_metrics import (
     COLOUR_TOLERANCE,
     LOST,
+    VIDEO_PSNR_CAP_DB,
     VideoScore,
     direction_accuracy,
     evaluate_pipeline,
@@ -69,7 +70,19 @@ def test_ground_truth_video_scores_perfectly(clips):
         assert score.direction_accuracy == 1.0, (clip.seed, score.predicted_directions)
         assert score.centroid_error_px == pytest.approx(0.0, abs=1e-6)
         assert score.visibility == 1.0
-        assert score.first_frame_psnr > 60
+        assert score.first_frame_psnr > 60 and score.video_psnr == VIDEO_PSNR_CAP_DB  # exact: the cap, not inf
+
+
+def test_video_psnr_scores_every_frame_against_the_true_clip(clips):
+    clip = clips[0]
+    dimmed = clip.video / 255.0 * 0.9  # every lit pixel off by a tenth of its value
+    expected = 10 * np.log10(1 / np.mean((clip.video / 255.0 * 0.1) ** 2))
+    assert score_video(dimmed, clip).video_psnr == pytest.approx(expected, rel=1e-6)
+    still = score_video(static_baseline(clip), clip)  # the first frame repeated: right at frame 0 only
+    first_frame_only = 10 * np.log10(1 / np.mean((static_baseline(clip) / 255.0 - clip.video / 255.0) ** 2))
+    assert still.video_psnr == pytest.approx(first_frame_only, rel=1e-6) and still.first_frame_psnr == float("inf")
+    scores = [score_video(clip.video, clip), score_video(dimmed, clip)]
+    assert summarize(scores)["video_psnr"] == pytest.approx((VIDEO_PSNR_CAP_DB + expected) / 2)  # a finite mean
 
 
 def test_uint8_and_float_videos_score_the_same(clips):
@@ -201,7 +214,7 @@ def test_bad_video_shape_is_rejected(clips):
 def test_summary_splits_direction_accuracy_by_object_count():
     def score(accuracy, predicted):
         return VideoScore(accuracy, centroid_error_px=1.0, visibility=1.0, first_frame_psnr=30.0,
-                          predicted_directions=predicted)
+                          video_psnr=20.0, predicted_directions=predicted)
 
     scores = [score(1.0, ("left",)), score(0.5, ("up", "up")), score(0.0, ("down", LOST)), score(1.0, ("up",))]
     summary = summarize(scores)
@@ -222,7 +235,7 @@ def test_standard_error_known_answers():
 def test_standard_errors_come_per_summary_metric_and_per_group():
     def score(accuracy, predicted):
         return VideoScore(accuracy, centroid_error_px=accuracy, visibility=1.0, first_frame_psnr=30.0,
-                          predicted_directions=predicted)
+                          video_psnr=20.0, predicted_directions=predicted)
 
     scores = [score(1.0, ("left",)), score(0.0, ("up",)), score(0.5, ("up", "up")), score(0.5, ("down", LOST))]
     errors = summarize_standard_errors(scores)

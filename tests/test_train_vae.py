@@ -67,7 +67,8 @@ def test_training_writes_checkpoints_samples_and_metrics(trained_run):
 
 @pytest.mark.slow
 def test_resume_from_latest_continues_the_step_count(trained_run):
-    result = run_script("--output_dir", str(trained_run), "--max_train_steps", "14", "--resume_from_checkpoint", "latest")
+    result = run_script("--output_dir", str(trained_run), "--max_train_steps", "14", "--resume_from_checkpoint", "latest",
+                        "--allow_changed_settings")  # more steps than the checkpoint's run: a changed setting
     assert "Resuming from" in result.stdout + result.stderr
     steps = [record["step"] for record in read_log(trained_run) if "rec_loss" in record]
     assert steps[-2:] == [13, 14]
@@ -133,73 +134,3 @@ def test_vae_config_choices_and_initial_logvar():
     # log-variance half sits around -6 (std about 0.05) while the mean half stays near 0.
     assert posterior.logvar.mean().item() == pytest.approx(-6.0, abs=1.0)
     assert posterior.mean.abs().mean().item() < 1.0
-
-
-def _recipe_stages(monkeypatch):
-    """The configs of `make train-demo` (examples/demo.py TRAINING_STEPS), by script, in order."""
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    import demo
-
-    stages = {}
-    for script, *_, config in demo.TRAINING_STEPS:
-        stages.setdefault(Path(script).name, []).append(config)
-    return demo, stages
-
-
-def test_built_in_recipe_chains_its_stages(monkeypatch):
-    """make train-demo runs the VAE stages, then the DiT stages: each starts from the last one's output."""
-    from nanoi2v_diffusers.training.common import parse_config
-    from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig
-    from nanoi2v_diffusers.training.train_vae import VAETrainingConfig
-
-    demo, stages = _recipe_stages(monkeypatch)
-    vaes = [parse_config(VAETrainingConfig, ["--config", str(ROOT / name)]) for name in stages["train_vae.py"]]
-    dits = [parse_config(DiTTrainingConfig, ["--config", str(ROOT / name)]) for name in stages["train_dit.py"]]
-    assert len(vaes) >= 2 and len(dits) >= 2
-    # Every DiT stage trains on a cache of exactly its clips, written earlier in the recipe: by its
-    # own config, or by an earlier stage's when it only trains longer on the same clips.
-    written = {}  # cache_dir -> the config that wrote it
-    for script, *_, name in demo.TRAINING_STEPS:
-        script = Path(script).name
-        if script not in ("precompute_latents.py", "train_dit.py"):
-            continue
-        config = parse_config(DiTTrainingConfig, ["--config", str(ROOT / name)])
-        if script == "precompute_latents.py":
-            assert config.cache_dir not in written
-            written[config.cache_dir] = config
-        else:
-            cache = written[config.cache_dir]
-            assert (cache.max_train_samples, cache.resolution, cache.text_clause_separator) == (
-                config.max_train_samples, config.resolution, config.text_clause_separator)  # fmt: skip
-
-    images, clips, *decoders = vaes
-    assert images.num_frames == 1 and images.pretrained_vae is None
-    assert clips.pretrained_vae == images.output_dir and clips.num_frames == dits[0].num_frames == 17
-    for before, after in zip([clips, *decoders], decoders):
-        assert after.pretrained_vae == before.output_dir and after.train_decoder_only
-    # Decoder-only stages keep the encoder, so every DiT stage may use any VAE from stage 2 on.
-    assert all(dit.pretrained_vae in {vae.output_dir for vae in vaes[1:]} for dit in dits)
-    assert dits[-1].pretrained_vae == vaes[-1].output_dir  # the trained pipeline gets the last decoder
-    assert dits[0].pretrained_transformer is None
-    for before, after in zip(dits, dits[1:]):
-        assert after.pretrained_transformer == str(Path(before.output_dir) / "transformer")
-        new_encoding = after.text_clause_separator != before.text_clause_separator
-        assert new_encoding or after.max_train_samples >= before.max_train_samples
-        # A stage either brings a cache of its own (more clips, or its captions encoded otherwise) or trains
-        # longer on the last one's.
-        assert (after.cache_dir != before.cache_dir) == (after.max_train_samples > before.max_train_samples
-                                                         or new_encoding)  # fmt: skip
-    assert len({config.resolution for config in [*vaes, *dits]}) == 1
-
-
-def test_demo_retrains_with_the_recipe_and_finds_its_output(monkeypatch):
-    from nanoi2v_diffusers.training.common import parse_config
-    from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig
-
-    demo, _ = _recipe_stages(monkeypatch)
-    scripts_and_configs = [(step[0], step[-1]) for step in demo.TRAINING_STEPS]
-    assert all((ROOT / script).is_file() and (ROOT / config).is_file() for script, config in scripts_and_configs)
-    last_script, last_config = scripts_and_configs[-1]
-    assert last_script == "training/train_dit.py"
-    last_run = parse_config(DiTTrainingConfig, ["--config", str(ROOT / last_config)])
-    assert ROOT / last_run.output_dir == demo.TRAINED_MODEL

@@ -175,6 +175,30 @@ def test_gradient_checkpointing_gives_same_output_and_gradients(attention_type):
         torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
 
 
+def test_plain_autograd_switch_gives_the_same_output_and_gradients(monkeypatch):
+    """SAVE_ACTIVATION_MEMORY=False (benchmarks/bench_train_gpu.py --plain_autograd) only changes what is kept."""
+    import nanoi2v_diffusers.models.transformer_nanoi2v as transformer_module
+
+    model = make_model("full").train()
+    latents, timestep, text, condition = make_inputs()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(latents, timestep, text, condition=condition).sample.square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (loss_ref, grads_ref), saved_ref = loss_and_grads(), _measure.saved_activation_bytes(
+        lambda: model(latents, timestep, text, condition=condition).sample.sum(), exclude=list(model.parameters()))["total"]
+    monkeypatch.setattr(transformer_module, "SAVE_ACTIVATION_MEMORY", False)
+    (loss_plain, grads_plain), saved_plain = loss_and_grads(), _measure.saved_activation_bytes(
+        lambda: model(latents, timestep, text, condition=condition).sample.sum(), exclude=list(model.parameters()))["total"]
+    torch.testing.assert_close(loss_plain, loss_ref)
+    for name, grad in grads_ref.items():
+        torch.testing.assert_close(grads_plain[name], grad, msg=name)
+    assert saved_plain > saved_ref  # the switch really turned the memory-saving Functions off
+
+
 def test_save_load_round_trip_is_identical(tmp_path):
     model = make_model("factorized", num_text_refiner_layers=1)
     model.save_pretrained(tmp_path)

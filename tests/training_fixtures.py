@@ -14,6 +14,7 @@ from nanoi2v_diffusers import NanoI2VPipeline
 from nanoi2v_diffusers.models import VAE_PRESETS, AutoencoderKLNanoI2V
 from nanoi2v_diffusers.text_encoders import load_text_encoder, save_tiny_random_text_encoder
 
+
 def write_tiny_bert(folder: Path, seed: int = 0) -> Path:
     """A random 2-layer BERT (hidden 32) and its word-level tokenizer, saved as safetensors."""
     return save_tiny_random_text_encoder(folder, hidden_size=32, num_layers=2, seed=seed)
@@ -63,8 +64,8 @@ def tiny_dit_argv(output_dir: Path, assets, *extra: str) -> list:
 def write_tiny_pipeline(folder: Path, assets) -> NanoI2VPipeline:
     """A complete pipeline of the tiny config's sizes, with the `assets` BERT and VAE and a random transformer
     with non-zero weights (adaLN-Zero's zero outputs would hide an adapter): a LoRA run's base. Saved to `folder`."""
+    from nanoi2v_diffusers.settings import parse_config
     from nanoi2v_diffusers.training import train_dit
-    from nanoi2v_diffusers.training.common import parse_config
 
     config = parse_config(train_dit.DiTTrainingConfig, tiny_dit_argv(folder, assets))
     vae = AutoencoderKLNanoI2V.from_pretrained(assets["vae"])

@@ -1,7 +1,9 @@
 """Encode every training clip once (VAE posterior + text embeddings) into a `datasets` latent cache.
 
-    python training/precompute_latents.py --config training/configs/shapes_64.yaml
-    accelerate launch training/train_dit.py --config training/configs/shapes_64.yaml  # trains from cache_dir
+    python training/precompute_latents.py --config training/configs/shapes_64.yaml --cache_dir outputs/latents \
+        --max_train_samples 4000
+    accelerate launch training/train_dit.py --config training/configs/shapes_64.yaml --cache_dir outputs/latents \
+        --max_train_samples 4000
 
 It reads the same config as training/train_dit.py, so the cache matches the run that uses it: the
 data (`dataset`, `train_data_dir`, `resolution`, `num_frames`, and `max_train_samples`, the number
@@ -26,9 +28,10 @@ from nanoi2v_diffusers.data.latent_cache import (
     vae_encoder_fingerprint,
     write_latent_cache,
 )
-from nanoi2v_diffusers.training.common import build_dataset, parse_config
+from nanoi2v_diffusers.settings import parse_config
 from nanoi2v_diffusers.text_encoders import load_text_encoder
 from nanoi2v_diffusers.training.train_dit import DiTTrainingConfig, latent_shape, load_vae
+from nanoi2v_diffusers.training.trainer import build_dataset
 
 
 def cache_source_clips(config: DiTTrainingConfig) -> Subset:
@@ -69,7 +72,7 @@ def precompute(config: DiTTrainingConfig, device: Optional[Union[str, torch.devi
         text_encoder_fingerprint=model_fingerprint(text_encoder),
         text_clause_separator=config.text_clause_separator,
         dtype=config.cache_dtype,
-        source=_describe_source(config),
+        source=describe_source(config),
     )
     vae.to(device)
     text_encoder.to(device)
@@ -82,7 +85,8 @@ def precompute(config: DiTTrainingConfig, device: Optional[Union[str, torch.devi
         return write_latent_cache(batches, config.cache_dir, info, num_shards=config.cache_num_shards)
 
 
-def _describe_source(config: DiTTrainingConfig) -> str:
+def describe_source(config: DiTTrainingConfig) -> str:
+    """The clips a cache of `config` holds, in words (its info file's `source`)."""
     size = f"{config.resolution}x{config.resolution}, {config.num_frames} frames"
     if config.dataset == "shapes":  # the clips' seeds are fixed by the split, not by config.seed
         objects = f"{config.shapes_min_objects}-{config.shapes_max_objects} objects"

@@ -32,6 +32,7 @@ from .video_io import (
     read_video_frames,
     resize_center_crop,
     tensor_to_frames,
+    write_side_by_side,
     write_video,
 )
 
@@ -67,5 +68,6 @@ __all__ = [
     "trajectories_for",
     "with_motion",
     "write_shapes_folder",
+    "write_side_by_side",
     "write_video",
 ]

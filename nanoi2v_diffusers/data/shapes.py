@@ -1,4 +1,4 @@
-"""The built-in synthetic "shapes" dataset (DESIGN.md section 6): no download, deterministic per seed.
+"""The built-in synthetic "shapes" dataset (docs/design.md, "The shapes dataset"): no download, deterministic per seed.
 
 Coloured circles, squares and triangles on a black square canvas, each moving at a constant
 velocity in one of 8 directions (or standing still) and bouncing off the walls; the caption says

@@ -111,10 +111,14 @@ class _FaultTolerantVideoDataset(Dataset):
         size = len(self)
         if not -size <= index < size:
             raise IndexError(f"index {index} out of range for a dataset of {size} videos.")
+        known_bad = set(self._bad_reasons)
         used, pixel_values = self._first_readable(index % size)
         if self.random_flip and self._flips(used):
             pixel_values = pixel_values.flip(-1)  # horizontal only: time is never augmented
-        return {"pixel_values": pixel_values, "caption": self._caption(used), "file_name": self._entry_name(used)}
+        # The files found bad while loading this item travel with it: a DataLoader worker's counts stay in the worker.
+        skipped = [self._entry_name(bad) for bad in sorted(set(self._bad_reasons) - known_bad)]
+        return {"pixel_values": pixel_values, "caption": self._caption(used), "file_name": self._entry_name(used),
+                "skipped_files": skipped}  # fmt: skip
 
     def _first_readable(self, index: int) -> Tuple[int, torch.Tensor]:
         """Decode entry `index`, or the next readable one after it (wrapping around)."""
@@ -421,7 +425,8 @@ def _named_bytes(data: bytes, name: str) -> io.BytesIO:
 
 
 def collate_videos(batch: Sequence[dict]) -> dict:
-    """Stack items into `{"pixel_values": (B, C, T, H, W), "captions": list[str]}` for a DataLoader."""
+    """Stack items into `{"pixel_values": (B, C, T, H, W), "captions": list[str]}` for a DataLoader (plus
+    `skipped_files`, the unreadable files met while loading them, for items that report them)."""
     if not batch:
         raise ValueError("Cannot collate an empty batch.")
     shapes = sorted({tuple(item["pixel_values"].shape) for item in batch})
@@ -430,6 +435,7 @@ def collate_videos(batch: Sequence[dict]) -> dict:
     return {
         "pixel_values": torch.stack([item["pixel_values"] for item in batch]),
         "captions": [item["caption"] for item in batch],
+        "skipped_files": [name for item in batch for name in item.get("skipped_files", ())],
     }
 
 

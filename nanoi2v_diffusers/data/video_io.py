@@ -348,6 +348,13 @@ def _palette_frame(frame: np.ndarray, lossless: bool) -> "av.VideoFrame":
     return av.VideoFrame.from_ndarray((np.asarray(paletted, dtype=np.uint8), argb), format="pal8")
 
 
+def write_side_by_side(path: Union[str, os.PathLike], videos: Sequence[torch.Tensor], fps: float = 8) -> Path:
+    """Write videos `(C, T, H, W)` in [-1, 1] next to each other (e.g. original | reconstruction)."""
+    frames = min(video.shape[1] for video in videos)
+    row = torch.cat([video[:, :frames].detach().float().cpu() for video in videos], dim=-1)  # (C, T, H, sum W)
+    return write_video(path, row, fps=fps)
+
+
 __all__ = [
     "VIDEO_SUFFIXES",
     "VideoDecodeError",
@@ -356,5 +363,6 @@ __all__ = [
     "read_video_frames",
     "resize_center_crop",
     "tensor_to_frames",
+    "write_side_by_side",
     "write_video",
 ]

@@ -1,4 +1,4 @@
-"""NanoI2VTransformer3DModel: the diffusion transformer over video latents (DESIGN.md section 4).
+"""NanoI2VTransformer3DModel: the diffusion transformer over video latents (docs/design.md, "Components").
 
 The noisy latents and the image condition are concatenated on channels, cut into 3D patches and
 embedded as tokens `(B, N, dim)` with `N = T' * H' * W'` (the patch grid). Each block applies
@@ -68,6 +68,11 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.
     return torch.addcmul(x * freqs_cos, torch.cat((x2, x1), dim=-1), freqs_sin)
 
 
+# The memory-saving autograd Functions below in training; False gives plain autograd (the same values), so that
+# benchmarks/bench_train_gpu.py --plain_autograd can measure what they cost or save under torch.compile.
+SAVE_ACTIVATION_MEMORY = True
+
+
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift, x, 1 + scale)  # one fused pass for x * (1 + scale) + shift
 
@@ -118,7 +123,7 @@ class ModulatedLayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and SAVE_ACTIVATION_MEMORY:
             return _LayerNormModulate.apply(x, shift, scale, self.eps)
         return _modulate(F.layer_norm(x, (self.dim,), eps=self.eps), shift, scale)
 
@@ -157,7 +162,7 @@ class QKRMSNorm(nn.RMSNorm):
     needs one dtype for both, and keeps no more for backward than `_RMSNorm`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and not x.is_cuda:
+        if torch.is_grad_enabled() and not x.is_cuda and SAVE_ACTIVATION_MEMORY:
             return _RMSNorm.apply(x, self.weight, self.eps)
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
@@ -213,7 +218,7 @@ class NanoI2VFeedForward(FeedForward):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         activation, output = self.net[0], self.net[-1]
         hidden = activation.proj(hidden_states)  # (B, N, ffn_dim)
-        if torch.is_grad_enabled() and _is_bare_linear(output):
+        if torch.is_grad_enabled() and SAVE_ACTIVATION_MEMORY and _is_bare_linear(output):
             return _GELULinear.apply(hidden, output.weight, output.bias)
         return output(activation.gelu(hidden))
 
@@ -702,7 +707,7 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
         p_t, p_h, p_w = self.config.patch_size
         grid = (num_frames // p_t, height // p_h, width // p_w)
 
-        if condition is None:  # no image: zero latents and mask 0 (DESIGN.md section 5)
+        if condition is None:  # no image: zero latents and mask 0 (docs/design.md, "Conditioning")
             condition_channels = self.config.in_channels - self.config.out_channels
             condition = hidden_states.new_zeros((batch_size, condition_channels, num_frames, height, width))
         tokens = self.patch_embedding(self._patchify(torch.cat([hidden_states, condition], dim=1)))  # (B, N, dim)

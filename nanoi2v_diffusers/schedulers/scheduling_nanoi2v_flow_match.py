@@ -1,4 +1,4 @@
-"""NanoI2VFlowMatchScheduler: flow-matching sampling (Euler or Heun) and training helpers (DESIGN.md 3, 4).
+"""NanoI2VFlowMatchScheduler: flow-matching sampling (Euler or Heun) and training helpers (docs/design.md).
 
 Convention (as diffusers): `x_t = (1 - sigma) * x0 + sigma * noise`, sigma = 1 is pure noise, the
 model predicts the velocity `v = noise - x0 = dx/dsigma`, and `timestep = sigma * num_train_timesteps`.
