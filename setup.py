@@ -36,6 +36,7 @@ setup(
         "tqdm>=4.66",
         "einops>=0.7",
     ],
+    entry_points={"console_scripts": ["nanoi2v=nanoi2v_diffusers.cli:main"]},
     extras_require={
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13", "tensorboard>=2.15"],
         "lora": ["peft>=0.13"],  # LoRA: training/train_dit.py with lora_rank, NanoI2VPipeline.load_lora_weights

@@ -4,8 +4,8 @@
     python examples/demo.py --train    # `make train-demo`: run the built-in model's recipe first, score it
                                        # against the shipped model, then make the demo with it
 
-Writes outputs/demo/*.mp4, *.gif and contact_sheet.png (one row per video, prompt underneath), then
-prints the evaluation metrics on fresh validation scenes, the same as `evaluate.py --n 64 --steps 20`.
+Writes outputs/demo/*.mp4, *.gif and contact_sheet.png (one row per video, prompt underneath), then a quick
+score on a few fresh validation scenes and the command of the full evaluation.
 `--train` can be stopped at any point and started again: the recipe continues where it stopped.
 """
 
@@ -16,10 +16,7 @@ from typing import List, NamedTuple
 
 import numpy as np
 import torch
-from compare_evaluations import format_comparison  # examples/ is on sys.path when this file runs as a script
-from evaluate import _json_safe, format_table
-from generate import load_pipeline, video_to_uint8
-
+from nanoi2v_diffusers.cli import load_pipeline, video_to_uint8
 from nanoi2v_diffusers.contact_sheet import save_contact_sheet
 from nanoi2v_diffusers.data import (
     ShapesConfig,
@@ -29,6 +26,7 @@ from nanoi2v_diffusers.data import (
     with_motion,
     write_video,
 )
+from nanoi2v_diffusers.evaluation.report import format_comparison, format_table, json_safe
 from nanoi2v_diffusers.evaluation.shapes_metrics import evaluate_pipeline
 from nanoi2v_diffusers.training import recipe
 
@@ -41,7 +39,7 @@ NUM_COMPARISON_SCENES = 256  # a trained model against the shipped one, scene by
 # Demo scenes: validation seeds (never trained on), and one image shown with two different motions.
 DEMO_SCENE_INDICES = (0, 1, 2)
 TEXT_SWAP_DIRECTIONS = ("left", "right")
-NUM_EVAL_SCENES = 64  # as `evaluate.py --n 64`, the README's table and the targets (about 45 s)
+NUM_QUICK_SCENES = 8  # a first look in seconds; `nanoi2v evaluate --num_scenes 256` gives the real numbers
 NUM_STEPS = 20
 GUIDANCE = 5.0
 FPS = 8
@@ -60,10 +58,10 @@ def train_and_compare(steps_scale: float, num_scenes: int) -> Path:
     results = {}
     for name, model in (("shipped", SHIPPED_MODEL), ("trained", trained)):
         print(f"Scoring the {name} model ({model}) on {num_scenes} validation scenes...")
-        results[name] = evaluate_pipeline(load_pipeline(str(model)), num_scenes=num_scenes, num_inference_steps=NUM_STEPS,
-                                          guidance_scale=GUIDANCE)  # fmt: skip
+        results[name] = evaluate_pipeline(load_pipeline(str(model)), num_scenes=num_scenes,
+                                          num_inference_steps=NUM_STEPS, guidance_scale=GUIDANCE)  # fmt: skip
         path = trained / f"eval_{name}_{num_scenes}.json"
-        path.write_text(json.dumps(_json_safe(results[name]), indent=1, allow_nan=False) + "\n")
+        path.write_text(json.dumps(json_safe(results[name]), indent=1, allow_nan=False) + "\n")
     print(f"\nThe trained model against the shipped one, scene by scene:\n"
           f"{format_comparison(results['shipped'], results['trained'], 'shipped', 'trained')}")
     return trained
@@ -93,18 +91,38 @@ def generate_demo_videos(pipe, scenes: List[DemoScene]) -> List[np.ndarray]:
     return [video_to_uint8(video) for video in frames]
 
 
-def print_metrics(pipe) -> None:
-    results = evaluate_pipeline(
-        pipe,
-        num_scenes=NUM_EVAL_SCENES,
-        num_inference_steps=NUM_STEPS,
-        guidance_scale=GUIDANCE,
-    )
-    print(f"\nEvaluation on fresh validation scenes:\n{format_table(results)}")
-    print(
-        f"The same as: python examples/evaluate.py --model <model> --n {NUM_EVAL_SCENES} --steps {NUM_STEPS}; "
-        "--n 256 for about half the standard error"
-    )
+def limits_scenes(config: ShapesConfig) -> List[DemoScene]:
+    """A validation scene as the model knows them, then inputs unlike its training data, one change at a time."""
+    clip = render_clip(sample_scene(shapes_split_seed("validation", 0), config), config)
+    ramp = np.linspace(0, 255, config.canvas_size, dtype=np.float32)
+    photo = np.stack([ramp[None, :].repeat(config.canvas_size, 0), ramp[:, None].repeat(config.canvas_size, 1),
+                      np.full((config.canvas_size,) * 2, 160.0)], axis=-1).astype(np.uint8)  # fmt: skip
+    grey = clip.first_frame.copy()
+    grey[grey.max(axis=-1) > 0] = 128
+    return [
+        DemoScene("known", clip.first_frame, clip.caption),
+        DemoScene("photo", photo, clip.caption),
+        DemoScene("grey", grey, clip.caption),
+        DemoScene("words", clip.first_frame, "red ball going right"),
+        DemoScene("french", clip.first_frame, "le cercle rouge va vers la gauche"),
+    ]
+
+
+def write_limits_sheet(pipe, path: Path) -> Path:
+    """One row per `limits_scenes` input: what the shipped model makes of inputs unlike its training data."""
+    scenes = limits_scenes(ShapesConfig())
+    videos = generate_demo_videos(pipe, scenes)
+    labels = ["as trained: " + scenes[0].caption, "a non-black image (a colour ramp)", "grey objects",
+              "prompt: 'red ball going right'", "prompt in French"]  # fmt: skip
+    return save_contact_sheet(path, videos, labels, scale=2)
+
+
+def print_quick_score(pipe, model: Path) -> None:
+    results = evaluate_pipeline(pipe, num_scenes=NUM_QUICK_SCENES, num_inference_steps=NUM_STEPS,
+                                guidance_scale=GUIDANCE)
+    print(f"\nA quick score on {NUM_QUICK_SCENES} fresh validation scenes (a standard error of about 0.1):\n"
+          f"{format_table(results)}\n\nThe full evaluation (about 4 minutes on 2 CPU cores):\n"
+          f"  nanoi2v evaluate --model {model} --num_scenes 256 --num_inference_steps {NUM_STEPS}")
 
 
 def main(argv=None) -> None:
@@ -115,6 +133,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compare-scenes", type=int, default=NUM_COMPARISON_SCENES,
                         help="with --train: scenes the trained and the shipped model are scored on")
     parser.add_argument("--skip-eval", action="store_true", help="only write the demo videos")
+    parser.add_argument("--limits", action="store_true",
+                        help="also write limits.png: what the model makes of inputs unlike its training data")
     args = parser.parse_args(argv)
 
     model = train_and_compare(args.steps_scale, args.compare_scenes) if args.train else SHIPPED_MODEL
@@ -130,8 +150,10 @@ def main(argv=None) -> None:
         print(f"{scene.name}: {scene.caption!r} -> {DEMO_DIR / scene.name}.mp4/.gif")
     sheet = save_contact_sheet(DEMO_DIR / "contact_sheet.png", videos, [s.caption for s in scenes], scale=2)
     print(f"Contact sheet: {sheet}")
+    if args.limits:
+        print(f"Inputs unlike the training data: {write_limits_sheet(pipe, DEMO_DIR / 'limits.png')}")
     if not args.skip_eval:
-        print_metrics(pipe)
+        print_quick_score(pipe, model)
 
 
 if __name__ == "__main__":

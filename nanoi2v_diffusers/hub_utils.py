@@ -8,6 +8,7 @@ training scripts write).
 """
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
 import yaml
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 
-from .safe_loading import MODEL_INDEX, PICKLE_SUFFIXES
+from .safe_loading import MODEL_INDEX, PICKLE_SUFFIXES, hub_unreachable
 
 PathLike = Union[str, Path]
 
@@ -53,7 +54,8 @@ video = pipe(image=Image.open("first_frame.png"), prompt="a red circle moves lef
              generator=torch.manual_seed(0)).frames[0]          # (F, H, W, 3) floats in [0, 1]
 write_video("out.mp4", (video * 255).round().astype("uint8"), fps=8)
 ```
-{text_encoder_note}
+
+Or from the command line: `nanoi2v generate --model {model} --image first_frame.png --prompt "a red circle moves left"`.
 {samples}
 {metrics}
 {training}
@@ -64,8 +66,8 @@ def write_model_card(
     folder: PathLike,
     *,
     repo_id: Optional[str] = None,
-    title: str = "NanoI2V",
-    description: str = "",
+    title: Optional[str] = None,
+    description: Optional[str] = None,
     license: str = "apache-2.0",
     datasets: Sequence[str] = (),
     tags: Iterable[str] = (),
@@ -73,48 +75,58 @@ def write_model_card(
     training_config: Optional[Mapping] = None,
     metrics: Optional[Mapping[str, float]] = None,
     sample_videos: Sequence[PathLike] = (),
-    text_encoder_hint: Optional[str] = None,
     lora_base_model: Optional[str] = None,
 ) -> ModelCard:
-    """Write `folder/README.md`, a Hub model card for the pipeline saved in `folder`.
+    """Write `folder/README.md`, a Hub model card for the pipeline (or LoRA weights) saved in `folder`.
 
     Args:
-        folder: a folder written by `NanoI2VPipeline.save_pretrained`.
-        repo_id: the Hub id shown in the usage snippet (the folder path when None).
-        title, description: the card's heading and first paragraph.
-        license, datasets, tags, base_model: card metadata.
-        training_config: shown as YAML under "Training" (e.g. the training script's config).
+        folder: a folder written by `NanoI2VPipeline.save_pretrained` (or holding LoRA weights for a pipeline).
+        repo_id: the Hub id the usage snippet loads; None: the folder itself, by its name (run the snippet
+            beside it). No absolute local path is written into the card.
+        title, description: the heading and first paragraph; by default the folder's name and what its
+            configs say (the models' sizes, the text encoder).
+        license, datasets, tags, base_model: card metadata. Datasets and the base model go into the metadata
+            only as Hub ids; a local path is named in the text instead.
+        training_config: shown as YAML under "Training" (absolute paths shortened to their last part).
         metrics: shown as a table under "Evaluation".
         sample_videos: GIF/MP4 files copied into `folder/samples/` and embedded.
-        text_encoder_hint: Python expression(s) passed to `from_pretrained` when the text encoder is not
-            stored in the folder, e.g. "text_encoder=text_encoder, tokenizer=tokenizer".
-        lora_base_model: when `folder` holds LoRA weights, the pipeline (Hub id or folder) they load into;
-            it becomes the card's `base_model` and the snippet loads it, then the weights.
+        lora_base_model: when `folder` holds LoRA weights, the pipeline (Hub id or folder) they load into: the
+            snippet loads it, then the weights.
     Returns:
         The `ModelCard`, already saved.
     """
     folder = Path(folder)
-    repo_id = repo_id or str(folder)
-    text_encoder_args = f", {text_encoder_hint}" if text_encoder_hint else ""
-    load_pipeline = f'pipe = NanoI2VPipeline.from_pretrained("{repo_id}"{text_encoder_args})'
+    model = repo_id or folder.name
+    load = f'pipe = NanoI2VPipeline.from_pretrained("{model}")'
+    notes = []
     if lora_base_model is not None:
-        tags, base_model = {*tags, "lora"}, lora_base_model
-        load_pipeline = (f'pipe = NanoI2VPipeline.from_pretrained("{lora_base_model}"{text_encoder_args})\n'
-                         f'pipe.load_lora_weights("{repo_id}")')  # fmt: skip
+        tags = {*tags, "lora"}
+        base = str(lora_base_model) if _is_hub_id(lora_base_model) else Path(lora_base_model).name
+        base_model = base if _is_hub_id(lora_base_model) else None
+        load = f'pipe = NanoI2VPipeline.from_pretrained("{base}")\npipe.load_lora_weights("{model}")'
+        if base_model is None:
+            notes.append(f"LoRA weights for the local pipeline folder `{base}` (not on the Hub).")
+    elif base_model is not None and not _is_hub_id(base_model):
+        notes.append(f"Fine-tuned from the local pipeline folder `{Path(base_model).name}`.")
+        base_model = None
+    local_data = [name for name in datasets if not _is_hub_id(name)]
+    if local_data:
+        notes.append(f"Trained on local data: {', '.join(f'`{Path(name).name}`' for name in local_data)}.")
     card_data = ModelCardData(
         library_name="diffusers",
         pipeline_tag=PIPELINE_TAG,
         license=license,
-        datasets=list(datasets) or None,
+        datasets=[name for name in datasets if _is_hub_id(name)] or None,
         tags=sorted(set(DEFAULT_TAGS) | set(tags)),
         base_model=base_model,
     )
+    description = description if description is not None else describe_folder(folder)
     content = CARD_TEMPLATE.format(
         card_data=card_data.to_yaml(),
-        title=title,
-        description=description,
-        load_pipeline=load_pipeline,
-        text_encoder_note=_text_encoder_note(text_encoder_hint),
+        title=title or f"NanoI2V ({folder.name})",
+        description=" ".join([description, *notes]).strip(),
+        load_pipeline=load,
+        model=model,
         samples=_samples_section(folder, sample_videos),
         metrics=_metrics_section(metrics),
         training=_training_section(training_config),
@@ -124,13 +136,36 @@ def write_model_card(
     return card
 
 
-def _text_encoder_note(hint: Optional[str]) -> str:
-    if not hint:
+def _is_hub_id(name: PathLike) -> bool:
+    """Whether `name` reads as a Hub repo id (user/name) and is not a local path."""
+    text = str(name)
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(text).exists()
+
+
+def describe_folder(folder: PathLike) -> str:
+    """What a saved pipeline folder holds, in one paragraph, from its configs (empty for anything else)."""
+    folder = Path(folder)
+    try:
+        index = json.loads((folder / MODEL_INDEX).read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        dit = json.loads((folder / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
         return ""
-    return (
-        "\nThe text encoder is not stored in this repository; build it first and pass it in "
-        f"(`{hint}`).\n"
-    )
+    width = dit["num_attention_heads"] * dit["attention_head_dim"]
+    text = (f"A causal 3D VAE with {vae['latent_channels']} latent channels and {len(vae['block_out_channels'])} "
+            f"levels (channels {', '.join(map(str, vae['block_out_channels']))}), and a diffusion transformer of "
+            f"{dit['num_layers']} layers of width {width} ({dit['num_attention_heads']} heads), patch "
+            f"{'x'.join(map(str, dit['patch_size']))}, reading text states of {dit['text_dim']} features.")  # fmt: skip
+    if index.get("default_text_encoder"):
+        text += (f" The text encoder is the package's built-in {index['default_text_encoder']}: not stored here, "
+                 "`from_pretrained` loads it from the installed package.")  # fmt: skip
+    elif index.get("text_encoder", [None])[0]:
+        text += f" The text encoder ({index['text_encoder'][1]}) is stored with it."
+    if index.get("input_domain") == "shapes":
+        text += (" Trained on the built-in synthetic shapes clips: 64 x 64 coloured circles, squares and triangles "
+                 "on black, moving as English captions like 'the red circle moves left' say, over 17 frames.")
+    return text
 
 
 def _samples_section(folder: Path, sample_videos: Sequence[PathLike]) -> str:
@@ -149,14 +184,18 @@ def _samples_section(folder: Path, sample_videos: Sequence[PathLike]) -> str:
 def _metrics_section(metrics: Optional[Mapping[str, float]]) -> str:
     if not metrics:
         return ""
-    rows = [f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |" for name, value in metrics.items()]
+    rows = [f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |"
+            for name, value in metrics.items()]  # fmt: skip
     return "\n".join(["## Evaluation", "", "| metric | value |", "| --- | --- |", *rows]) + "\n"
 
 
 def _training_section(training_config: Optional[Mapping]) -> str:
     if not training_config:
         return ""
-    as_yaml = yaml.safe_dump(json.loads(json.dumps(dict(training_config), default=str)), sort_keys=False)
+    values = json.loads(json.dumps(dict(training_config), default=str))
+    values = {key: Path(value).name if isinstance(value, str) and os.path.isabs(value) else value
+              for key, value in values.items()}  # no local absolute paths in a card meant to be published
+    as_yaml = yaml.safe_dump(values, sort_keys=False)
     return f"## Training\n\n```yaml\n{as_yaml}```\n"
 
 
@@ -212,9 +251,25 @@ def push_to_hub(
 ) -> str:
     """Upload a saved pipeline folder (with its model card) to the Hub; returns the commit URL."""
     check_pipeline_folder(folder)
-    create_repo(repo_id, private=private, token=token, exist_ok=True)
-    commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token)
+    try:
+        create_repo(repo_id, private=private, token=token, exist_ok=True)
+        commit = upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token)
+    except Exception as error:
+        raise RuntimeError(f"Could not push {folder} to the Hub repo {repo_id!r}: {_push_failure(error)} The folder "
+                           "is saved locally; push it again once that is fixed.") from error  # fmt: skip
     return str(commit)
+
+
+def _push_failure(error: BaseException) -> str:
+    """Why a push failed, in words: offline, no connection, or not logged in / no write access."""
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return "HF_HUB_OFFLINE is set (unset it to push)."
+    if hub_unreachable(error):
+        return f"the Hub could not be reached ({type(error).__name__}); check the network."
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if status in (401, 403):
+        return f"the Hub refused it (HTTP {status}): log in with `hf auth login` (or set HF_TOKEN) with write access."
+    return f"{type(error).__name__}: {error}."
 
 
 def publish_folder(folder: PathLike, repo_id: str, private: bool = False) -> str:
@@ -226,7 +281,8 @@ def publish_folder(folder: PathLike, repo_id: str, private: bool = False) -> str
         names.append(LORA_WEIGHT_NAME)
     else:
         index = json.loads((folder / MODEL_INDEX).read_text())
-        names += [MODEL_INDEX, *(name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None)]
+        components = [name for name, spec in index.items() if isinstance(spec, list) and spec[0] is not None]
+        names += [MODEL_INDEX, *components]
     with tempfile.TemporaryDirectory() as staging:
         for name in names:
             source, target = folder / name, Path(staging) / name

@@ -167,6 +167,22 @@ def validate_config(config: Mapping[str, Any], cls, source: str, strict: bool = 
             continue
         if key in hints and not _matches(value, hints[key]):
             raise ConfigValidationError(f"{source}: key {key!r} must be {_type_name(hints[key])}; got {value!r}.")
+    check_config_minimums(cls, public, source)
+
+
+def check_config_minimums(cls, config: Mapping[str, Any], source: str) -> None:
+    """Raise `ConfigValidationError` naming `source`, the key, the value and the rule when a count or size of
+    `cls._config_minimums` ({key: smallest value}) is below it (for a list, any entry, or the list is empty)."""
+    for key, minimum in getattr(cls, "_config_minimums", {}).items():
+        value = config.get(key)
+        if value is None or isinstance(value, bool):
+            continue
+        entries = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not entries or any(isinstance(entry, (int, float)) and entry < minimum for entry in entries):
+            rule = f">= {minimum}"
+            if isinstance(value, (list, tuple)):
+                rule = f"every entry {rule}, at least one entry"
+            raise ConfigValidationError(f"{source}: key {key!r} must be {rule}; got {value!r}.")
 
 
 def _check_known_and_complete(
@@ -399,18 +415,18 @@ def check_checkpoint_pickles(checkpoint_dir: PathLike) -> None:
             ) from None
 
 
-def check_local_path(name: str, value: Optional[PathLike]) -> None:
+def check_local_path(name: str, value: Optional[PathLike], hub_ok: bool = True) -> None:
     """Raise at once, naming the setting, when `value` names a local folder that does not exist.
 
-    A missing path that could be a Hub repo id (`user/model`) is left to the Hub, unless it cannot be one
-    here: offline (`HF_HUB_OFFLINE`), or its first part is a local folder (`outputs/run`).
+    A missing path that could be a Hub repo id (`user/model`) is left to the Hub (or its cache) when `hub_ok`,
+    unless its first part is a local folder (`outputs/run` where outputs/ exists): then it is a local path.
     """
     if value is None or Path(value).exists():
         return
     text = str(value)
     parts = text.split("/")
-    could_be_repo_id = (len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
-                        and not os.environ.get("HF_HUB_OFFLINE") and not Path(parts[0]).is_dir())  # fmt: skip
+    could_be_repo_id = (hub_ok and len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+                        and not Path(parts[0]).is_dir())  # fmt: skip
     if could_be_repo_id:
         try:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -419,4 +435,32 @@ def check_local_path(name: str, value: Optional[PathLike]) -> None:
             return
         except HFValidationError:
             pass
-    raise ValueError(f"{name}: no such folder {text!r} (a local path that does not exist, and not a Hub repo id here).")
+    kind = "a Hub repo id here" if hub_ok else "a Hub repo id (a local folder is needed)"
+    raise ValueError(f"{name}: no such folder {text!r} (a local path that does not exist, and not {kind}).")
+
+
+# Exceptions (by class name, anywhere in an error's chain) that mean the Hub could not be reached or was not asked.
+_HUB_UNREACHABLE = ("ConnectError", "ConnectTimeout", "ConnectionError", "TimeoutError", "ReadTimeout",
+                    "OfflineModeIsEnabled", "LocalEntryNotFoundError")  # fmt: skip
+
+
+def hub_unreachable(error: BaseException) -> Optional[BaseException]:
+    """The error in `error`'s chain that says the Hub could not be reached (or offline mode kept it out); None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(name in type(error).__name__ for name in _HUB_UNREACHABLE):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def not_found_error(name: str, value: PathLike, error: BaseException) -> OSError:
+    """The error for `value` (a local path that does not exist, or a Hub id) that loading could not find."""
+    offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+    return OSError(
+        f"{name} {str(value)!r} is not a local folder, and the Hub could not be asked for it{offline}: "
+        f"{type(hub_unreachable(error) or error).__name__}. For a local folder, check the path (a folder written "
+        "by save_pretrained); for a "
+        "Hub repo, check the network, or download it once online (it is then found offline in the cache)."
+    )

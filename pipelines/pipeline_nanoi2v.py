@@ -8,6 +8,7 @@ text (prompt None or "") unconditional generation.
 
 import inspect
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -26,10 +27,25 @@ from nanoi2v_diffusers.conditioning import build_image_condition
 from nanoi2v_diffusers.image_inputs import has_other_aspect_ratio, to_rgb_images
 from nanoi2v_diffusers.models.autoencoder_kl_nanoi2v import AutoencoderKLNanoI2V
 from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel
-from nanoi2v_diffusers.safe_loading import safe_loading_kwargs, validate_pipeline_folder
+from nanoi2v_diffusers.safe_loading import (
+    check_local_path,
+    hub_unreachable,
+    not_found_error,
+    safe_loading_kwargs,
+    validate_pipeline_folder,
+)
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler, calculate_shift
 from nanoi2v_diffusers.size_rules import check_frame_count, check_multiple, nearest_multiple
-from nanoi2v_diffusers.text_encoders import check_clause_separator, encode_text, null_text_embeds
+from nanoi2v_diffusers.data.shapes import SHAPES_DOMAIN, unlike_shapes
+from nanoi2v_diffusers.hub_utils import LORA_WEIGHT_NAME, write_model_card
+from nanoi2v_diffusers.text_encoders import (
+    BUILTIN_TEXT_ENCODER,
+    builtin_text_encoder_name,
+    check_clause_separator,
+    encode_text,
+    load_minilm,
+    null_text_embeds,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -56,6 +72,8 @@ EXAMPLE_DOC_STRING = """
         >>> write_video("out.mp4", (video * 255).round().astype("uint8"), fps=8)
         ```
 """
+
+INPUT_DOMAINS = ("shapes",)  # training data a pipeline can warn about (`input_domain`)
 
 
 @dataclass
@@ -84,7 +102,17 @@ class NanoI2VLoraLoaderMixin(Mochi1LoraLoaderMixin):
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("LoRA weights load from safetensors only; got use_safetensors=False.")
-        return super().lora_state_dict(pretrained_model_name_or_path_or_dict, **{**kwargs, "use_safetensors": True})
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            return super().lora_state_dict(source, **{**kwargs, "use_safetensors": True})
+        check_local_path("LoRA weights", source)
+        kwargs.setdefault("weight_name", LORA_WEIGHT_NAME)  # what this package writes; a Hub repo then needs no listing
+        try:
+            return super().lora_state_dict(source, **{**kwargs, "use_safetensors": True})
+        except Exception as error:
+            if not os.path.exists(source) and hub_unreachable(error):
+                raise not_found_error("LoRA weights", source, error) from error
+            raise
 
 
 class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
@@ -102,6 +130,11 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         text_clause_separator (`str`, *optional*): a regular expression; when set, each clause of a prompt is
             encoded on its own and the clauses' tokens are joined (`text_encoders.encode_clauses`), as the
             transformer was trained. Saved in model_index.json.
+        default_text_encoder (`str`, *optional*): "all-MiniLM-L6-v2" when the pipeline uses the package's built-in
+            text encoder: `save_pretrained` then does not store it (80 MB the installed package already holds,
+            hash-checked), and `from_pretrained` restores it when none is stored or passed.
+        input_domain (`str`, *optional*): "shapes" for a model trained on the built-in shapes clips: a call whose
+            image or prompt is clearly unlike them gets one warning (`data.shapes.unlike_shapes`).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -116,6 +149,8 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         text_encoder: Optional[PreTrainedModel] = None,
         tokenizer: Optional[PreTrainedTokenizerBase] = None,
         text_clause_separator: Optional[str] = None,
+        default_text_encoder: Optional[str] = None,
+        input_domain: Optional[str] = None,
     ):
         super().__init__()
         self.register_modules(
@@ -123,7 +158,15 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         )
         if text_clause_separator is not None:
             check_clause_separator(text_clause_separator)  # fail here, not at the first prompt
-        self.register_to_config(text_clause_separator=text_clause_separator)
+        if default_text_encoder not in (None, BUILTIN_TEXT_ENCODER):
+            raise ValueError(
+                f"default_text_encoder must be None or {BUILTIN_TEXT_ENCODER!r}; got {default_text_encoder!r}."
+            )
+        if input_domain not in (None, *INPUT_DOMAINS):
+            raise ValueError(f"input_domain must be None or one of {INPUT_DOMAINS}; got {input_domain!r}.")
+        default_text_encoder = builtin_text_encoder_name(text_encoder) or default_text_encoder
+        self.register_to_config(text_clause_separator=text_clause_separator, default_text_encoder=default_text_encoder,
+                                input_domain=input_domain)  # fmt: skip
         self.vae_scale_factor_spatial = vae.spatial_compression_ratio if vae is not None else 8
         self.vae_scale_factor_temporal = vae.temporal_compression_ratio if vae is not None else 4
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial, do_convert_rgb=True)
@@ -144,7 +187,49 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         kwargs, allow_pickle = safe_loading_kwargs(kwargs)
         if os.path.isdir(pretrained_model_name_or_path):
             cls._validate_folder(pretrained_model_name_or_path, kwargs, allow_pickle)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)._with_default_text_encoder(kwargs)
+        check_local_path("pretrained_model_name_or_path", pretrained_model_name_or_path)
+        try:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except Exception as error:
+            if hub_unreachable(error):
+                raise not_found_error("pretrained_model_name_or_path", pretrained_model_name_or_path, error) from error
+            raise
+        return pipe._with_default_text_encoder(kwargs)
+
+    def _with_default_text_encoder(self, kwargs) -> "NanoI2VPipeline":
+        """Fill in the built-in text encoder that `default_text_encoder` names, unless one was stored or passed."""
+        if self.text_encoder is not None or "text_encoder" in kwargs or not self.config.get("default_text_encoder"):
+            return self
+        try:
+            text_encoder, tokenizer = load_minilm(dtype=kwargs.get("dtype") or kwargs.get("torch_dtype"))
+        except ImportError as error:
+            logger.warning(f"{error} Until then pass text_encoder= and tokenizer=, or prompt_embeds.")
+            return self
+        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+        return self
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, save_text_encoder: bool = False,
+                        **kwargs) -> None:  # fmt: skip
+        """diffusers' `save_pretrained`, with two differences. The built-in text encoder is left out unless
+        `save_text_encoder=True`: `default_text_encoder` names it and `from_pretrained` restores it from the
+        installed package (any other text encoder is stored, or the folder could not be used). And a model card,
+        README.md, is written when the folder has none (`hub_utils.write_model_card`)."""
+        builtin = builtin_text_encoder_name(self.text_encoder)
+        modules = (self.text_encoder, self.tokenizer)
+        if builtin and not save_text_encoder:
+            self.register_modules(text_encoder=None, tokenizer=None)
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.register_modules(text_encoder=modules[0], tokenizer=modules[1])
+        if not (Path(save_directory) / "README.md").is_file():
+            write_model_card(save_directory)
+        sizes = {folder.name: sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+                 for folder in Path(save_directory).iterdir() if folder.is_dir()}  # fmt: skip
+        stored = ", ".join(f"{name} {size:.1f} MB" for name, size in sizes.items() if size)
+        left_out = f"; the built-in text encoder {builtin} is not stored" if builtin and not save_text_encoder else ""
+        logger.info(f"Saved {save_directory}: {stored}{left_out}.")
 
     @classmethod
     def download(cls, pretrained_model_name, **kwargs) -> str:
@@ -513,6 +598,8 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             image_guidance_scale, prompt_embeds, negative_prompt_embeds, latents, output_type,
             callback_on_step_end_tensor_inputs, num_videos_per_prompt, max_sequence_length, negative_guidance_scale,
         )
+        if self.config.get("input_domain") == "shapes":
+            self._warn_if_unlike_shapes(images, prompt, height, width, num_frames)
         self._guidance_scale = guidance_scale
         self._image_guidance_scale = image_guidance_scale if images is not None else None
         self._negative_guidance_scale = negative_guidance_scale
@@ -590,6 +677,14 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         if not return_dict:
             return (frames,)
         return NanoI2VPipelineOutput(frames=frames)
+
+    def _warn_if_unlike_shapes(self, images, prompt, height: int, width: int, num_frames: int) -> None:
+        """One warning when the input is clearly unlike the shapes clips the model was trained on."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+        reasons = unlike_shapes([np.asarray(image) for image in images or []], prompts, height, width, num_frames)
+        if reasons:
+            logger.warning(f"This model was trained on {SHAPES_DOMAIN}; this input is unlike that "
+                           f"({'; '.join(reasons)}): expect a video of little sense.")  # fmt: skip
 
     def _output_size(self, images: Optional[List[PIL.Image.Image]], height, width) -> Tuple[int, int]:
         """`height` and `width` as given; each one left None is the first image's, rounded to the nearest valid

@@ -19,7 +19,7 @@ from nanoi2v_diffusers import (
 )
 from nanoi2v_diffusers import hub_utils
 from nanoi2v_diffusers.conditioning import num_condition_channels
-from nanoi2v_diffusers.data import generate_shapes_clip, ShapesConfig
+from nanoi2v_diffusers.data import ShapesConfig, generate_shapes_clip, read_video_frames
 from nanoi2v_diffusers.models.autoencoder_kl_nanoi2v import VAE_PRESETS
 from nanoi2v_diffusers.data.shapes import CAPTION_CLAUSE_SEPARATOR
 from nanoi2v_diffusers.safe_loading import ConfigValidationError
@@ -555,21 +555,19 @@ class TestNanoI2VPipeline:
         full.set_progress_bar_config(disable=True)
         assert full(**self.get_dummy_inputs()).frames.shape == (1, FRAMES, SIZE, SIZE, 3)
 
-    def test_example_loader_overrides_only_the_solver_and_shift(self, tmp_path, monkeypatch):
-        monkeypatch.syspath_prepend(str(EXAMPLES))
-        from generate import load_pipeline
+    def test_command_line_loader_overrides_only_the_solver_and_shift(self, tmp_path):
+        from nanoi2v_diffusers.cli import load_pipeline
 
         self.get_pipe(scheduler=NanoI2VFlowMatchScheduler(shift=2.0, num_train_timesteps=500)).save_pretrained(tmp_path)
         saved = load_pipeline(str(tmp_path)).scheduler.config
         assert (saved.solver, saved.shift) == ("euler", 2.0)
-        changed = load_pipeline(str(tmp_path), heun=True, shift=3.0).scheduler.config
+        changed = load_pipeline(str(tmp_path), solver="heun", shift=3.0).scheduler.config
         assert (changed.solver, changed.shift, changed.num_train_timesteps) == ("heun", 3.0, 500)
 
-    def test_example_loader_adds_lora_weights_at_their_scale(self, tmp_path, monkeypatch):
+    def test_command_line_loader_adds_lora_weights_at_their_scale(self, tmp_path):
         from peft.utils import get_peft_model_state_dict
 
-        monkeypatch.syspath_prepend(str(EXAMPLES))
-        from generate import load_pipeline
+        from nanoi2v_diffusers.cli import load_pipeline
 
         pipe = self.get_pipe()
         pipe.save_pretrained(tmp_path / "base")
@@ -636,6 +634,10 @@ class TestNanoI2VPipeline:
     def test_model_card_and_push_to_hub(self, tmp_path, monkeypatch):
         pipe = self.get_pipe()
         pipe.save_pretrained(tmp_path)
+        written = (tmp_path / "README.md").read_text()  # save_pretrained writes a card with a real description
+        assert "A causal 3D VAE with 4 latent channels" in written and "2 layers of width 32" in written
+        assert f'NanoI2VPipeline.from_pretrained("{tmp_path.name}")' in written and str(tmp_path.parent) not in written
+        (tmp_path / "README.md").unlink()
         sample = tmp_path.parent / "sample.gif"
         sample.write_bytes(b"GIF89a")
         with pytest.raises(ValueError, match="README.md"):
@@ -661,6 +663,38 @@ class TestNanoI2VPipeline:
         hub_utils.push_to_hub(tmp_path, "user/nanoi2v-test")
         assert calls["create"] == "user/nanoi2v-test"
         assert calls["upload"]["folder_path"] == str(tmp_path) and calls["upload"]["repo_id"] == "user/nanoi2v-test"
+
+    def test_model_card_usage_snippet_runs_as_written(self, tmp_path, monkeypatch):
+        self.get_pipe().save_pretrained(tmp_path / "my-model")
+        card = (tmp_path / "my-model" / "README.md").read_text()
+        snippet = card.split("```python\n")[1].split("```")[0]
+        clip = generate_shapes_clip(seed=0, config=ShapesConfig(canvas_size=SIZE, num_frames=FRAMES))
+        PIL.Image.fromarray(clip.first_frame).save(tmp_path / "first_frame.png")
+        monkeypatch.chdir(tmp_path)  # beside the folder, as a card's reader runs it
+        exec(compile(snippet, "README.md", "exec"), {})
+        assert read_video_frames(tmp_path / "out.mp4").shape == (17, SIZE, SIZE, 3)
+
+    def test_card_metadata_takes_hub_ids_only(self, tmp_path):
+        self.get_pipe().save_pretrained(tmp_path / "lora")
+        card = hub_utils.write_model_card(tmp_path / "lora", datasets=["user/clips", str(tmp_path / "videos")],
+                                          base_model=str(tmp_path / "base"), training_config={"out": str(tmp_path)})
+        assert card.data.datasets == ["user/clips"] and card.data.base_model is None
+        assert "local pipeline folder `base`" in card.text and "local data: `videos`" in card.text
+        assert str(tmp_path) not in str(card)
+
+    def test_push_to_hub_offline_says_why_and_that_the_folder_is_kept(self, tmp_path, monkeypatch):
+        self.get_pipe().save_pretrained(tmp_path)
+
+        def unreachable(repo_id, **kwargs):
+            raise ConnectionError("[Errno -2] Name or service not known")
+
+        monkeypatch.setattr(hub_utils, "create_repo", unreachable)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        with pytest.raises(RuntimeError, match=r"could not be reached \(ConnectionError\); check the network.*saved locally"):
+            hub_utils.push_to_hub(tmp_path, "user/repo")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set"):
+            hub_utils.push_to_hub(tmp_path, "user/repo")
 
     def test_push_refuses_pickle_weights(self, tmp_path):
         self.get_pipe().save_pretrained(tmp_path)

@@ -1,6 +1,5 @@
 import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from nanoi2v_diffusers.evaluation.shapes_metrics import (
     text_swap_score,
     track_objects,
 )
+from nanoi2v_diffusers.evaluation.report import json_safe
 from nanoi2v_diffusers.schedulers import NanoI2VFlowMatchScheduler
 
 CONFIG = ShapesConfig()  # the evaluation's setting: 64 x 64, 17 frames
@@ -335,7 +335,9 @@ def test_evaluate_pipeline_with_a_static_fake_matches_the_baseline():
 
 
 def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, capsys):
-    fake_generate = types.ModuleType("generate")
+    """examples/evaluate.py (its own flags) runs `nanoi2v evaluate`: each flag reaches the loader, the pipeline
+    calls and the record."""
+    from nanoi2v_diffusers import cli
 
     loaded = {}
 
@@ -345,31 +347,29 @@ def test_evaluate_script_prints_a_table_and_writes_json(tmp_path, monkeypatch, c
         pipe.scheduler = NanoI2VFlowMatchScheduler(shift=1.0 if shift is None else shift)
         return pipe
 
-    fake_generate.load_pipeline = fake_load_pipeline
+    monkeypatch.setattr(cli, "load_pipeline", fake_load_pipeline)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
     monkeypatch.syspath_prepend(str(EVALUATE_SCRIPT.parent))
-    import generate  # the real flags, so that they reach the fake loader
-
-    fake_generate.add_loading_arguments = generate.add_loading_arguments
-    fake_generate.loading_options = generate.loading_options
-    monkeypatch.setitem(sys.modules, "generate", fake_generate)
     spec = importlib.util.spec_from_file_location("evaluate_script", EVALUATE_SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "eval.json"
-    script.main(["--model", "fake", "--n", "2", "--steps", "2", "--batch-size", "4", "--shift", "2.5",
+    script.main(["--model", str(model), "--n", "2", "--steps", "2", "--batch-size", "4", "--shift", "2.5",
                  "--first-block-cache", "0.1", "--swap-motions-negative", "--negative-guidance", "2",
-                 "--lora", "my-lora", "--lora-scale", "0.5", "--objects", "3", "3", "--out", str(out)])
+                 "--lora", str(model), "--lora-scale", "0.5", "--objects", "3", "3", "--out", str(out)])
     table = capsys.readouterr().out
     assert "| direction accuracy | 1.000 +- 0.000 |" in table and "static baseline" in table
-    assert "LoRA my-lora at scale 0.5, negative prompt swap_motions on its own guidance 2.0" in table.splitlines()[0]
+    assert f"LoRA {model} at scale 0.5, negative prompt swap_motions on its own guidance 2.0" in table.splitlines()[0]
     assert "| Frechet distance (colour/motion features, not FVD) | 0.000 |" in table  # no standard error
     written = json.loads(out.read_text())  # strict JSON: the perfect first frame's infinite PSNR is a string
     assert written["model"]["first_frame_psnr"] == "inf"
-    assert written["settings"]["num_scenes"] == 2 and written["model_path"] == "fake"
+    assert written["settings"]["num_scenes"] == 2 and written["model_path"] == str(model)
     settings = written["settings"]  # each flag reached the loader or the pipeline calls, and the record
     assert settings["shift"] == 2.5 and settings["first_block_cache"] == loaded["first_block_cache"] == 0.1
     assert settings["negative_prompt"] == "swap_motions" and settings["negative_guidance_scale"] == 2.0
-    assert (settings["lora"], settings["lora_scale"]) == (loaded["lora"], loaded["lora_scale"]) == ("my-lora", 0.5)
+    assert (settings["lora"], settings["lora_scale"]) == (loaded["lora"], loaded["lora_scale"]) == (str(model), 0.5)
     # Three-object scenes: the fake pipeline knows only those, so any other scene would raise KeyError.
     assert (settings["min_objects"], settings["max_objects"]) == (3, 3)
     assert [len(scene["directions"]) for scene in written["scenes"]] == [3, 3] and "3-3 objects" in table
@@ -397,12 +397,11 @@ def test_compare_script_reads_two_evaluation_files(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("compare_script", COMPARE_SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    evaluate_module = sys.modules["evaluate"]
     paths = []
     for name, static in (("perfect", False), ("static", True)):
         results = evaluate_pipeline(FakePipeline(validation_clips(3), static=static), num_scenes=3, progress=False)
         paths.append(tmp_path / f"{name}.json")
-        paths[-1].write_text(json.dumps(evaluate_module._json_safe(results), allow_nan=False))  # "inf" strings
+        paths[-1].write_text(json.dumps(json_safe(results), allow_nan=False))  # "inf" strings
     table = script.main([str(path) for path in paths])
     assert "| metric | perfect | static | static - perfect +- standard error |" in table
     assert "| text-swap score | 1.000 | 0.000 | -1.000 +- 0.000 |" in table

@@ -224,7 +224,11 @@ def test_bf16_run_with_builtin_text_encoder_saves_float32_without_it_and_pushes_
     assert "model_index.json" in files and "README.md" in files
     assert any(name.startswith("transformer/") and name.endswith(".safetensors") for name in files)
     assert not any(name.startswith(("checkpoint-", "validation", "logs")) or name.endswith(".pkl") for name in files)
-    assert "text_encoder=text_encoder" in (out / "README.md").read_text()
+    # The built-in text encoder is not stored: model_index.json names it, from_pretrained restores it.
+    assert index["default_text_encoder"] == "all-MiniLM-L6-v2" and index["input_domain"] == "shapes"
+    card = (out / "README.md").read_text()
+    assert "built-in all-MiniLM-L6-v2: not stored here" in card and "text_encoder=" not in card
+    assert type(NanoI2VPipeline.from_pretrained(out).text_encoder).__name__ == "BertModel"
     # bf16 autocast trained it, but the saved weights stay float32.
     assert all(value.dtype == torch.float32 for value in _safetensors(out / "transformer").values())
     assert all(value.dtype == torch.float32 for value in _safetensors(out / "vae").values())
@@ -246,7 +250,10 @@ def test_lora_run_trains_only_the_adapter_and_saves_it_for_load_lora_weights(tmp
     assert sorted(uploads["user/tiny-lora"]) == ["README.md", "pytorch_lora_weights.safetensors",
                                                  "samples/step-000003-0.gif", "samples/step-000003-1.gif"]  # fmt: skip
     card = (out / "README.md").read_text()
-    assert f"base_model: {tmp_path / 'base'}" in card and "- lora" in card
+    # A local base is named in the text, never as base_model (a Hub id), and no absolute path is in the card.
+    assert "base_model:" not in card and "- lora" in card and str(tmp_path) not in card
+    assert "LoRA weights for the local pipeline folder `base`" in card
+    assert 'pipe.from_pretrained("base")' not in card and 'NanoI2VPipeline.from_pretrained("base")' in card
     assert 'pipe.load_lora_weights("user/tiny-lora")' in card and "rank 4, alpha 8, on to_qkv" in card
 
     # The saved adapter is the EMA of the adapter alone: the EMA holds one tensor per adapter weight.

@@ -341,10 +341,9 @@ def test_missing_local_paths_are_reported_at_once(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match=f"pretrained_vae: no such folder '{tmp_path}/vae'"):
         DiTTrainingConfig(pretrained_vae=str(tmp_path / "vae"))
-    with pytest.raises(ValueError, match="text_encoder: no such folder 'user/encoder'"):
-        DiTTrainingConfig(text_encoder="user/encoder")  # offline (as in every test): it cannot be a Hub id
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    DiTTrainingConfig(text_encoder="user/encoder")  # online, a Hub id is the Hub's to resolve
+    with pytest.raises(ValueError, match="text_encoder: no such folder 'user/encoder'.*a local folder is needed"):
+        DiTTrainingConfig(text_encoder="user/encoder")  # the text encoder loads from local folders only
+    DiTTrainingConfig(pretrained_vae="user/vae")  # a Hub id is the Hub's (or its cache's) to resolve
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
     with pytest.raises(ValueError, match="pretrained_transformer: no such folder 'outputs/dit'"):

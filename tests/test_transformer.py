@@ -476,7 +476,7 @@ def test_bad_config_and_presets():
         NanoI2VTransformer3DModel(**{**TINY, "attention_type": "windowed"})
     with pytest.raises(ValueError, match="attention_head_dim must be even.*nearest valid is 16"):
         NanoI2VTransformer3DModel(**{**TINY, "attention_head_dim": 15})
-    with pytest.raises(ValueError, match="num_text_refiner_layers must be >= 0; got -1"):
+    with pytest.raises(ValueError, match="key 'num_text_refiner_layers' must be >= 0; got -1"):
         NanoI2VTransformer3DModel(**{**TINY, "num_text_refiner_layers": -1})
     with pytest.raises(ValueError, match="Unknown transformer preset"):
         NanoI2VTransformer3DModel.from_preset("XL")

@@ -41,8 +41,9 @@ from nanoi2v_diffusers.models import VAE_PRESETS, AutoencoderKLNanoI2V
 from nanoi2v_diffusers.models.transformer_nanoi2v import TRANSFORMER_PRESETS, NanoI2VTransformer3DModel
 from nanoi2v_diffusers.pipelines.pipeline_nanoi2v import NanoI2VPipeline
 from nanoi2v_diffusers.safe_loading import check_local_path
+from nanoi2v_diffusers.size_rules import check_multiple
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler
-from nanoi2v_diffusers.text_encoders import encode_text, load_text_encoder
+from nanoi2v_diffusers.text_encoders import BUILTIN_TEXT_ENCODER, encode_text, load_text_encoder
 from nanoi2v_diffusers.training.trainer import (
     MEAN_LOSS_KEY,
     TRAIN_LOG,  # noqa: F401 - part of this script's API
@@ -126,8 +127,10 @@ class DiTTrainingConfig(TrainingConfig):
             )
         if self.pretrained_vae is None and self.vae_preset not in VAE_PRESETS:
             raise ValueError(f"vae_preset must be one of {sorted(VAE_PRESETS)}; got {self.vae_preset!r}.")
+        patch = (self.transformer_overrides or {}).get("patch_size", (1, 2, 2))[-1]
+        check_multiple("resolution", self.resolution, 8 * patch, f"VAE factor 8 x patch size {patch}")
         for name in ("pretrained_vae", "pretrained_transformer", "text_encoder"):
-            check_local_path(name, getattr(self, name))
+            check_local_path(name, getattr(self, name), hub_ok=name != "text_encoder")
         for name in ("max_sequence_length", "validation_num_inference_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
@@ -484,7 +487,9 @@ class DiTTrainer(Trainer):
             text_encoder, tokenizer = load_text_encoder(config.text_encoder) if custom_text_encoder else (None, None)
             pipeline = NanoI2VPipeline(vae=vae, transformer=transformer.float(), scheduler=self.noise_scheduler,
                                        text_encoder=text_encoder, tokenizer=tokenizer,
-                                       text_clause_separator=config.text_clause_separator)  # fmt: skip
+                                       text_clause_separator=config.text_clause_separator,
+                                       default_text_encoder=None if custom_text_encoder else BUILTIN_TEXT_ENCODER,
+                                       input_domain="shapes" if config.dataset == "shapes" else None)  # fmt: skip
             pipeline.save_pretrained(self.output_dir)
         else:
             from peft.utils import get_peft_model_state_dict
@@ -498,12 +503,10 @@ class DiTTrainer(Trainer):
                 transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
             )
         hub_utils.write_model_card(
-            self.output_dir, repo_id=config.hub_model_id, title=f"NanoI2V ({Path(config.output_dir).name})",
-            description=_card_description(config, summary),
-            datasets=[] if config.dataset == "shapes" else [Path(config.train_data_dir).name],
-            training_config=config.to_dict(), metrics=summary,
+            self.output_dir, repo_id=config.hub_model_id, datasets=[] if config.dataset == "shapes" else
+            [config.train_data_dir], description=f"{hub_utils.describe_folder(self.output_dir)} "
+            f"{_card_description(config, summary)}".strip(), training_config=config.to_dict(), metrics=summary,
             sample_videos=[path for path in self.last_validation_videos if path.suffix == ".gif"],
-            text_encoder_hint=None if custom_text_encoder else "text_encoder=text_encoder, tokenizer=tokenizer",
             lora_base_model=config.pretrained_transformer if config.lora_rank is not None else None,
         )  # fmt: skip
         if config.push_to_hub:
@@ -522,29 +525,17 @@ def _move(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> t
 
 
 def _card_description(config: DiTTrainingConfig, summary: Dict[str, Any]) -> str:
-    data = (
-        "the built-in synthetic shapes clips"
-        if config.dataset == "shapes"
-        else f"the videos in `{config.train_data_dir}`"
-    )
+    """What the run trained, on what, for how long, in one paragraph of the model card."""
+    data = "the built-in synthetic shapes clips" if config.dataset == "shapes" else "a folder of videos"
     loss = summary.get(MEAN_LOSS_KEY)
     text = (f"Trained with `training/train_dit.py` on {data} ({config.resolution} x {config.resolution}, "
             f"{config.num_frames} frames) for {summary['steps']} steps; training loss "
             f"{'nan' if loss is None else f'{loss:.4f}'} averaged over up to the last 100 steps.")  # fmt: skip
-    weights = "transformer weights"
     if config.lora_rank is not None:
-        text += (
-            f" A LoRA adapter (rank {config.lora_rank}, alpha {config.resolved_lora_alpha:g}, on "
-            f"{', '.join(config.lora_target_modules)}) for the pipeline `{config.pretrained_transformer}`."
-        )
-        weights = "adapter weights"
+        text += (f" A LoRA adapter (rank {config.lora_rank}, alpha {config.resolved_lora_alpha:g}, on "
+                 f"{', '.join(config.lora_target_modules)}).")
     if config.use_ema:
-        text += f" The {weights} are the EMA weights."
-    if config.text_encoder is None:
-        text += (
-            " The text encoder is the built-in all-MiniLM-L6-v2, not stored here: "
-            "`from nanoi2v_diffusers.text_encoders import load_minilm; text_encoder, tokenizer = load_minilm()`."
-        )
+        text += f" The {'adapter' if config.lora_rank is not None else 'transformer'} weights are the EMA weights."
     return text
 
 

@@ -42,6 +42,7 @@ from nanoi2v_diffusers.data import ShapesConfig, ShapesDataset, VideoFolderDatas
 from nanoi2v_diffusers.data.sampling import EpochDataset, ResumableSampler, step_generator
 from nanoi2v_diffusers.safe_loading import check_checkpoint_pickles
 from nanoi2v_diffusers.settings import parse_config
+from nanoi2v_diffusers.size_rules import check_frame_count, check_multiple
 
 try:
     import fcntl
@@ -135,6 +136,16 @@ class TrainingConfig:
             raise ValueError(f"max_bad_fraction must be in [0, 1]; got {self.max_bad_fraction}.")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"checkpoints_total_limit must be >= 1 or None; got {self.checkpoints_total_limit}.")
+        check_multiple("resolution", self.resolution, 8, "the VAE's spatial factor")
+        for name in ("num_frames", "validation_num_frames"):
+            if getattr(self, name) is not None:
+                check_frame_count(name, getattr(self, name), 4)
+        if self.lr_warmup_steps >= self.max_train_steps:
+            logger.warning("lr_warmup_steps=%d >= max_train_steps=%d: the learning rate never leaves its warm-up.",
+                           self.lr_warmup_steps, self.max_train_steps)  # fmt: skip
+        if self.dataset == "video_folder" and not self.validation_data_dir:
+            logger.warning("No validation_data_dir: validation uses the first clips of train_data_dir, which the "
+                           "model trains on.")  # fmt: skip
         if self.overwrite_output_dir and self.resume_from_checkpoint:
             raise ValueError(
                 "overwrite_output_dir and resume_from_checkpoint exclude each other: clear the run or resume it."

@@ -328,6 +328,45 @@ _CLAUSE = _clause_pattern()
 CAPTION_CLAUSE_SEPARATOR = rf"(?:{'|'.join(_JOINERS)})(?=(?:{'|'.join(_ARTICLES)}) )"
 
 
+# What the built-in model was trained on, in words, and the limits `unlike_shapes` holds an input to.
+SHAPES_DOMAIN = ("64 x 64 coloured circles, squares and triangles on black, moving as English captions like "
+                 "'the red circle moves left' say, over 17 frames")  # fmt: skip
+_LIT_LEVEL = 0.25  # a pixel brighter than this in any channel is not background
+_MAX_LIT_FRACTION = 0.5  # objects cover at most about a sixth of a shapes frame
+
+
+def unlike_shapes(images: Sequence[np.ndarray], prompts: Sequence[str], height: int, width: int,
+                  num_frames: int) -> List[str]:  # fmt: skip
+    """How an input is clearly unlike the shapes clips, in words (empty when it is like them).
+
+    `images` are `(H, W, 3)` arrays (uint8, or floats in [0, 1]) as the pipeline uses them. Only clear cases
+    count: a mostly non-black image, a prompt that names no known colour or shape (or is not English), another
+    size or length than the clips'.
+    """
+    reasons = []
+    lit = [_lit_fraction(image) for image in images]
+    if lit and max(lit) > _MAX_LIT_FRACTION:
+        reasons.append(f"an image is {max(lit):.0%} non-black")
+    for prompt in (p for p in prompts if p):
+        words = set(re.findall(r"[a-z]+", prompt.lower()))
+        if not prompt.isascii():
+            reasons.append(f"the prompt {prompt[:40]!r} is not English")
+        elif not words & set(SHAPE_COLOURS) or not words & set(SHAPE_KINDS):
+            reasons.append(f"the prompt {prompt[:40]!r} names no known colour and shape")
+    if (height, width) != (64, 64):
+        reasons.append(f"the size is {width} x {height}")
+    if num_frames != 17:
+        reasons.append(f"{num_frames} frames")
+    return reasons
+
+
+def _lit_fraction(image: np.ndarray) -> float:
+    """The fraction of an image's pixels that are not background (black)."""
+    image = np.asarray(image)
+    scale = 255.0 if image.dtype == np.uint8 else 1.0
+    return float(np.mean(image.astype(np.float32).max(axis=-1) / scale > _LIT_LEVEL))
+
+
 def swap_motions(caption: str) -> str:
     """The caption with each object's motion handed to the next object (two objects: exchanged), same wording
     otherwise; "" when the caption names fewer than two objects in `caption_for`'s grammar.

@@ -102,7 +102,8 @@ class _FaultTolerantVideoDataset(Dataset):
             raise RuntimeError(
                 f"{bad} of {tried} video files tried ({len(self)} in the dataset) could not be decoded, "
                 f"more than max_bad_fraction={self.max_bad_fraction} of {measured_over}; last: "
-                f"{self._bad_reasons[max(self._bad_reasons)]}. Call scan() to list every bad file."
+                f"{self._bad_reasons[max(self._bad_reasons)]}. Each skipped file was logged above; replace or remove "
+                "them, or raise max_bad_fraction."
             )
 
     # --- items

@@ -275,6 +275,8 @@ def write_video(path: Union[str, os.PathLike], frames: FramesLike, fps: float = 
             else:
                 _encode_rgb(container, frames, fps, *_video_codec(suffix, lossless, frames.shape[1:3]))
         os.replace(partial, path)
+    except (av.error.FFmpegError, OSError) as error:  # PyAV's errors name neither the file nor the folder
+        raise OSError(f"Cannot write the video {path}: {error}") from error
     finally:
         partial.unlink(missing_ok=True)
     return path

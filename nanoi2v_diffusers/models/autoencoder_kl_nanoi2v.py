@@ -22,7 +22,7 @@ from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.accelerate_utils import apply_forward_hook
 
-from ..safe_loading import SafeLoadingMixin
+from ..safe_loading import SafeLoadingMixin, check_config_minimums
 from ..size_rules import check_frame_count, check_multiple
 
 # Size presets: "tiny" for tests, "shapes-64" for the built-in shapes demo, "base" for real video.
@@ -407,6 +407,9 @@ class AutoencoderKLNanoI2V(SafeLoadingMixin, ModelMixin, AutoencoderMixin, Confi
         latents_std (`Tuple[float, ...]`, *optional*): Per-channel latent standard deviation, likewise.
     """
 
+    # The smallest value of each count and size: a config below them is refused, naming the key.
+    _config_minimums = {"in_channels": 1, "out_channels": 1, "latent_channels": 1, "block_out_channels": 1,
+                        "layers_per_block": 1, "norm_num_groups": 1}  # fmt: skip
     _supports_gradient_checkpointing = True
     _no_split_modules = ["ResnetBlock3D"]
     _group_offload_block_modules = ["encoder", "decoder"]
@@ -428,6 +431,7 @@ class AutoencoderKLNanoI2V(SafeLoadingMixin, ModelMixin, AutoencoderMixin, Confi
         latents_std: Optional[Tuple[float, ...]] = None,
     ) -> None:
         super().__init__()
+        check_config_minimums(type(self), self.config, type(self).__name__)
         block_out_channels, temporal_downsample = tuple(block_out_channels), tuple(temporal_downsample)
         self._check_config(latent_channels, block_out_channels, temporal_downsample, norm_num_groups)
         self._check_latent_stats(latent_channels, latents_mean, latents_std)
@@ -463,8 +467,6 @@ class AutoencoderKLNanoI2V(SafeLoadingMixin, ModelMixin, AutoencoderMixin, Confi
                     f"Every entry of block_out_channels must be divisible by norm_num_groups={norm_num_groups}; "
                     f"got {channels} in {block_out_channels}."
                 )
-        if latent_channels < 1:
-            raise ValueError(f"latent_channels must be >= 1; got {latent_channels}.")
 
     @staticmethod
     def _check_latent_stats(latent_channels, latents_mean, latents_std) -> None:

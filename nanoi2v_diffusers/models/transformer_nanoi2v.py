@@ -29,7 +29,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import apply_lora_scale
 
-from ..safe_loading import SafeLoadingMixin
+from ..safe_loading import SafeLoadingMixin, check_config_minimums
 from ..size_rules import check_multiple
 
 # Size presets, DiT-style: S and B follow DiT-S/B (width 384/768, 12 layers, 6/12 heads of 64).
@@ -496,6 +496,10 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
             text tokens before the transformer blocks; 0 reads the text encoder's tokens as they are.
     """
 
+    # The smallest value of each count and size: a config below them is refused, naming the key.
+    _config_minimums = {"patch_size": 1, "in_channels": 1, "out_channels": 1, "num_layers": 1, "num_attention_heads": 1,
+                        "attention_head_dim": 6, "ffn_dim": 1, "text_dim": 1, "freq_dim": 2,
+                        "num_text_refiner_layers": 0}  # fmt: skip
     _supports_gradient_checkpointing = True
     _no_split_modules = ["NanoI2VTransformerBlock"]
     _repeated_blocks = ["NanoI2VTransformerBlock"]
@@ -523,9 +527,8 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
         num_text_refiner_layers: int = 0,
     ):
         super().__init__()
+        check_config_minimums(type(self), self.config, type(self).__name__)
         self._check_config(patch_size, in_channels, out_channels, attention_head_dim, attention_type)
-        if num_text_refiner_layers < 0:
-            raise ValueError(f"num_text_refiner_layers must be >= 0; got {num_text_refiner_layers}.")
         inner_dim = num_attention_heads * attention_head_dim
         num_modulations = _num_modulations(attention_type)
 
