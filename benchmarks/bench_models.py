@@ -4,6 +4,7 @@
     python benchmarks/bench_models.py --dit_sizes S --dit_videos 17x128x128 --vae_sizes --out s.json
     python benchmarks/bench_models.py --profile dit:S:17x128x128      # torch.profiler tables, both models
     python benchmarks/bench_models.py --saved_activations dit:S:17x128x128   # activations kept for backward
+    python benchmarks/bench_models.py --vae_sizes --plain_autograd     # without the memory-saving Functions
 
 Pairs:
 - `NanoI2VTransformer3DModel` vs `WanTransformer3DModel`: Wan's config is derived from ours (width =
@@ -45,6 +46,7 @@ from _measure import (
     write_json,
 )
 from nanoi2v_diffusers.conditioning import num_condition_channels
+from nanoi2v_diffusers.models import transformer_nanoi2v as transformer_module
 from nanoi2v_diffusers.models import TRANSFORMER_PRESETS, VAE_PRESETS, AutoencoderKLNanoI2V, NanoI2VTransformer3DModel
 from nanoi2v_diffusers.size_rules import check_frame_count, check_multiple
 
@@ -261,7 +263,8 @@ def worker_main(args) -> dict:
 
 def measure_memory(args, family: str, size: str, videos: Sequence[str]) -> Dict[str, Dict[str, float]]:
     common = ["--family", family, "--size", size, "--videos", *videos, "--device", args.device,
-              "--threads", args.threads, "--batch_size", args.batch_size]  # fmt: skip
+              "--threads", args.threads, "--batch_size", args.batch_size,
+              *(["--plain_autograd"] if args.plain_autograd else [])]  # fmt: skip
     return {kind: run_worker(__file__, ["--kind", kind, *common]) for kind in ("ours", "wan")}
 
 
@@ -444,6 +447,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default=default_device())
+    parser.add_argument("--plain_autograd", action="store_true", help="our DiT with plain autograd instead of its "
+                        "memory-saving autograd Functions (transformer_nanoi2v.SAVE_ACTIVATION_MEMORY = False)")
     parser.add_argument("--no_memory", dest="memory", action="store_false", help="skip the peak-memory workers")
     parser.add_argument("--out", type=Path, help="also write the rows and the environment as JSON here")
     parser.add_argument("--profile", metavar="FAMILY:SIZE:FxHxW", help="torch.profiler tables instead of the sweep, "
@@ -465,6 +470,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     args = parse_args(argv)
+    transformer_module.SAVE_ACTIVATION_MEMORY = not args.plain_autograd
     if args.worker:
         print(json.dumps(worker_main(args)))
         return []
@@ -487,11 +493,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
             rows.extend(bench_family(args, family, size, videos, progress))
 
     meta = environment_info(torch.device(args.device), args.threads)
-    meta.update(repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size, text_tokens=TEXT_TOKENS)
+    meta.update(repeats=args.repeats, warmup=args.warmup, batch_size=args.batch_size, text_tokens=TEXT_TOKENS,
+                plain_autograd=args.plain_autograd)
     memory_unit = "max_memory_allocated growth" if args.device.startswith("cuda") else "peak RSS growth"
     print(f"\nOurs vs diffusers' Wan, device {meta['device_name']} ({args.device}), {args.threads} threads, "
           f"batch {args.batch_size}, median of {args.repeats} (+{args.warmup} warm-up); "
-          f"memory: {memory_unit}\n")  # fmt: skip
+          f"memory: {memory_unit}; our DiT's autograd: {'plain' if args.plain_autograd else 'memory-saving'}"
+          "\n")  # fmt: skip
     print(markdown_table(rows, COLUMNS))
     print("\nGoals:\n" + "\n".join(goal_lines(rows)))
     if args.out:

@@ -20,6 +20,10 @@ Variants, run interleaved, median of `--repeats` calls after `--warmup`:
   caption (`data.swap_motions`), a third branch in the batch;
 - `euler, CFG batched, first block cache T`: diffusers' First Block Cache at each `--first_block_cache`
   threshold T (which steps it skips depends on the weights: use it with `--model`);
+- `euler, CFG batched, pyramid attention broadcast` and `euler, CFG batched, faster cache`: diffusers'
+  attention-level caches with the settings of their documentation (`ATTENTION_CACHES`): spatial
+  self-attention reused every other step inside a timestep window, and for FasterCache also the
+  unconditional branch approximated on 4 steps in 5 (`--no_attention_caches` leaves them out);
 - `euler, CFG batched, offload`: `enable_model_cpu_offload()`, only when a GPU is present.
 
 Columns: seconds per video (the whole call: text, image encoding, denoising, VAE decode), transformer
@@ -39,7 +43,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import PIL.Image
 import torch
 import yaml
-from diffusers.hooks import FirstBlockCacheConfig
+from diffusers.hooks import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from tqdm.auto import tqdm
 
@@ -76,6 +80,20 @@ DEFAULT_VIDEOS = ("17x64x64", "17x128x128")
 DEFAULT_VAE_FRAMES = (17, 33, 65, 129)
 # (mode, tiling) settings of the decode-memory sweep: tiling alone does not bound growth in time.
 VAE_MEMORY_SETTINGS = ((("chunked", "whole"), ("off",)), (("chunked",), ("on",)))
+
+# diffusers' documented settings for its video pipelines (timesteps on the 0-1000 scale the pipeline reports).
+ATTENTION_CACHES = {
+    "pyramid attention broadcast": lambda pipe: PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(100, 800),
+        current_timestep_callback=lambda: pipe.current_timestep,
+    ),
+    "faster cache": lambda pipe: FasterCacheConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(-1, 681),
+        unconditional_batch_skip_range=5, unconditional_batch_timestep_skip_range=(-1, 781),
+        attention_weight_callback=lambda _: 0.3, current_timestep_callback=lambda: pipe.current_timestep,
+        tensor_format="BCFHW",
+    ),
+}
 
 COLUMNS = (
     ("video FxHxW", "video", ""),
@@ -238,6 +256,8 @@ def make_variants(args, pipes: Dict[str, NanoI2VPipeline], video: Tuple[int, int
     for threshold in args.first_block_cache:
         name = f"euler, CFG batched, first block cache {threshold:g}"
         variants.append(Variant(name, pipes[f"fbc_{threshold:g}"], base, device))
+    for cache in ATTENTION_CACHES if args.attention_caches else ():
+        variants.append(Variant(f"euler, CFG batched, {cache}", pipes[cache], base, device))
     if "offload" in pipes:
         variants.append(Variant("euler, CFG batched, offload", pipes["offload"], base, device))
     return variants
@@ -247,10 +267,13 @@ def build_pipelines(args) -> Dict[str, NanoI2VPipeline]:
     """A separate pipeline per variant, so that each one's transformer wrapper stays in place."""
     text = load_text_encoder(args.text_encoder)  # frozen, so the pipelines can share it
     names = ("euler", "euler_split", "euler_nocfg", "heun", "euler_negative",
-             *(f"fbc_{threshold:g}" for threshold in args.first_block_cache))  # fmt: skip
+             *(f"fbc_{threshold:g}" for threshold in args.first_block_cache),
+             *(ATTENTION_CACHES if args.attention_caches else ()))  # fmt: skip
     pipes = {name: build_pipeline(args, "heun" if name == "heun" else "euler", *text) for name in names}
     for threshold in args.first_block_cache:
         pipes[f"fbc_{threshold:g}"].transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    for cache, config in ATTENTION_CACHES.items() if args.attention_caches else ():
+        pipes[cache].transformer.enable_cache(config(pipes[cache]))
     if torch.device(args.device).type == "cuda":
         offload = build_pipeline(args, "euler", *load_text_encoder(args.text_encoder)).to("cpu")
         offload.enable_model_cpu_offload(device=args.device)
@@ -310,6 +333,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--model", help="a saved pipeline folder: its weights instead of random ones")
     parser.add_argument("--first_block_cache", type=float, nargs="*", default=[], metavar="T",
                         help="also time diffusers' First Block Cache at these thresholds")
+    parser.add_argument("--no_attention_caches", dest="attention_caches", action="store_false",
+                        help="leave out the Pyramid Attention Broadcast and FasterCache variants")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--vae_frames", type=int, nargs="+", default=list(DEFAULT_VAE_FRAMES))

@@ -73,7 +73,7 @@ COLUMNS = (
 def _text_side_modules(model: NanoI2VTransformer3DModel):
     """Modules applied to the text tokens rather than the video tokens: the text projection and every
     cross-attention's key/value projection."""
-    return [model.text_embedder, *(block.attn2.to_kv for block in model.blocks)]
+    return [model.text_embedder, *(layer for block in model.blocks for layer in (block.attn2.to_k, block.attn2.to_v))]
 
 
 def model_flops_per_step(model: NanoI2VTransformer3DModel, batch_size: int, patch_grid: Tuple[int, int, int],

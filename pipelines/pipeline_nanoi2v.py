@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from nanoi2v_diffusers.conditioning import build_image_condition
 from nanoi2v_diffusers.image_inputs import has_other_aspect_ratio, to_rgb_images
 from nanoi2v_diffusers.models.autoencoder_kl_nanoi2v import AutoencoderKLNanoI2V
-from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel
+from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel, convert_fused_attention_keys
 from nanoi2v_diffusers.safe_loading import (
     check_local_path,
     hub_unreachable,
@@ -73,6 +73,8 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
+# LoRA target modules of earlier versions' fused attention projections, and today's names for them.
+_LEGACY_LORA_TARGETS = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"), "to_out": ("to_out.0",)}
 INPUT_DOMAINS = ("shapes",)  # training data a pipeline can warn about (`input_domain`)
 
 
@@ -100,19 +102,26 @@ class NanoI2VLoraLoaderMixin(Mochi1LoraLoaderMixin):
 
     @classmethod
     def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        """diffusers' `lora_state_dict` (safetensors only), with LoRA weights saved for the fused attention
+        projections of earlier versions (`to_qkv`, `to_kv`, `to_out`) converted exactly to today's names."""
         if kwargs.get("use_safetensors") is False:
             raise ValueError("LoRA weights load from safetensors only; got use_safetensors=False.")
         source = pretrained_model_name_or_path_or_dict
-        if isinstance(source, dict):
-            return super().lora_state_dict(source, **{**kwargs, "use_safetensors": True})
-        check_local_path("LoRA weights", source)
-        kwargs.setdefault("weight_name", LORA_WEIGHT_NAME)  # what this package writes; a Hub repo then needs no listing
+        if not isinstance(source, dict):
+            check_local_path("LoRA weights", source)
+            kwargs.setdefault("weight_name", LORA_WEIGHT_NAME)  # what this package writes: no Hub listing needed
         try:
-            return super().lora_state_dict(source, **{**kwargs, "use_safetensors": True})
+            loaded = super().lora_state_dict(source, **{**kwargs, "use_safetensors": True})
         except Exception as error:
-            if not os.path.exists(source) and hub_unreachable(error):
+            if not isinstance(source, dict) and not os.path.exists(source) and hub_unreachable(error):
                 raise not_found_error("LoRA weights", source, error) from error
             raise
+        state_dict, metadata = loaded if kwargs.get("return_lora_metadata") else (loaded, None)
+        convert_fused_attention_keys(state_dict, lora=True)
+        for key, value in (metadata or {}).items():
+            if key.endswith("target_modules") and isinstance(value, list):
+                metadata[key] = sorted({new for name in value for new in _LEGACY_LORA_TARGETS.get(name, (name,))})
+        return (state_dict, metadata) if kwargs.get("return_lora_metadata") else state_dict
 
 
 class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
@@ -248,7 +257,12 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
     # ------------------------------------------------------------------ text
 
     def _null_text(self, batch_size: int, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        return null_text_embeds(batch_size, self.transformer.config.text_dim, device=device, dtype=dtype)
+        # Without a transformer (a pipeline of the text encoder alone), the text encoder says how wide text is.
+        if self.transformer is not None:
+            text_dim = self.transformer.config.text_dim
+        else:
+            text_dim = self.text_encoder.config.hidden_size
+        return null_text_embeds(batch_size, text_dim, device=device, dtype=dtype)
 
     def _encode_text(
         self, prompt: List[str], max_sequence_length: int, device, dtype
@@ -296,7 +310,9 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             negative pair is None when `do_classifier_free_guidance` is False.
         """
         device = device or self._execution_device
-        dtype = dtype or self.transformer.dtype
+        if dtype is None:  # the transformer's, or the text encoder's in a pipeline of the text encoder alone
+            source = self.transformer if self.transformer is not None else self.text_encoder
+            dtype = source.dtype if source is not None else torch.float32
         if prompt_embeds is None:
             prompts = _as_prompt_list(prompt)
             prompt_embeds, prompt_attention_mask = self._encode_text(prompts, max_sequence_length, device, dtype)
@@ -319,12 +335,11 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             negative_prompt_attention_mask = _default_mask(negative_prompt_embeds, negative_prompt_attention_mask)
 
         repeat = lambda x: None if x is None else x.repeat_interleave(num_videos_per_prompt, dim=0)  # noqa: E731
-        return (
-            repeat(prompt_embeds),
-            repeat(prompt_attention_mask),
-            repeat(negative_prompt_embeds),
-            repeat(negative_prompt_attention_mask),
-        )
+        prompt_embeds, prompt_attention_mask = repeat(prompt_embeds), repeat(prompt_attention_mask)
+        negative_prompt_embeds = repeat(negative_prompt_embeds)
+        negative_prompt_attention_mask = repeat(negative_prompt_attention_mask)
+        # Named as `__call__` takes them: `pipe(prompt_embeds=..., prompt_attention_mask=..., ...)`.
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     # ------------------------------------------------------------------ checks
 
@@ -472,6 +487,21 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
     def interrupt(self) -> bool:
         return self._interrupt
 
+    def _check_faster_cache_batch(self) -> None:
+        """FasterCache (unless guidance-distilled) approximates the first half of an [uncond, cond] batch."""
+        hooks = getattr(self.transformer, "_diffusers_hook", None)
+        faster_cache = hooks.get_hook("faster_cache_denoiser") if hooks is not None else None
+        if faster_cache is None or faster_cache.is_guidance_distilled:
+            return
+        extra = [name for name in ("image_guidance_scale", "negative_guidance_scale")
+                 if getattr(self, f"_{name}") is not None]  # fmt: skip
+        if self._guidance_scale <= 1.0 or extra:
+            raise ValueError(
+                f"FasterCache (is_guidance_distilled=False) needs plain CFG, two branches [uncond, cond]: got "
+                f"guidance_scale={self._guidance_scale}" + "".join(f", {n}={getattr(self, '_' + n)}" for n in extra)
+                + "; use guidance_scale > 1 alone, or FasterCacheConfig(is_guidance_distilled=True)."
+            )
+
     def _guided_velocity(self, latents, timestep, condition, null_condition, text, negative_text) -> torch.Tensor:
         """One batched transformer call for all guidance branches, combined into one velocity.
 
@@ -483,14 +513,16 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         """
         embeds, mask = text
         no_text = negative_text
-        branches = {"text": (condition, embeds, mask)}
+        branches = {}
         if self._negative_guidance_scale is not None:
             no_text = self._null_text(embeds.shape[0], embeds.device, embeds.dtype)
             branches["negative"] = (condition, *negative_text)
-        if self.do_classifier_free_guidance:
-            branches["no_text"] = (condition, *no_text)
         if self._image_guidance_scale is not None:
             branches["no_image"] = (null_condition, *no_text)
+        if self.do_classifier_free_guidance:
+            branches["no_text"] = (condition, *no_text)
+        # Conditional branch last, as diffusers' pipelines batch [uncond, cond]: FasterCache relies on the order.
+        branches["text"] = (condition, embeds, mask)
 
         inputs = list(branches.values())
         length = max(e.shape[1] for _, e, _ in inputs)
@@ -603,6 +635,7 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         self._guidance_scale = guidance_scale
         self._image_guidance_scale = image_guidance_scale if images is not None else None
         self._negative_guidance_scale = negative_guidance_scale
+        self._check_faster_cache_batch()
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False

@@ -198,13 +198,15 @@ def test_bench_pipeline_smoke_counts_transformer_calls(tmp_path, tiny_text_encod
     ])  # fmt: skip
     rows = {row["variant"]: row for row in results["pipeline"]}
     assert set(rows) == {"euler, CFG batched", "euler, CFG 2 calls", "euler, no CFG", "heun, CFG batched",
-                         "euler, CFG batched + negative guidance", "euler, CFG batched, first block cache 0.1"}
+                         "euler, CFG batched + negative guidance", "euler, CFG batched, first block cache 0.1",
+                         "euler, CFG batched, pyramid attention broadcast", "euler, CFG batched, faster cache"}
     assert (rows["euler, CFG batched"]["calls"], rows["euler, CFG batched"]["forwards"]) == (steps, steps)
     assert (rows["euler, CFG 2 calls"]["calls"], rows["euler, CFG 2 calls"]["forwards"]) == (steps, 2 * steps)
     assert rows["euler, no CFG"]["forwards"] == steps
     assert rows["heun, CFG batched"]["calls"] == 2 * steps - 1  # Heun: two evaluations per step but the last
     assert rows["euler, CFG batched"]["relative"] == 1.0
-    for name in ("euler, CFG batched + negative guidance", "euler, CFG batched, first block cache 0.1"):
+    for name in ("euler, CFG batched + negative guidance", "euler, CFG batched, first block cache 0.1",
+                 "euler, CFG batched, pyramid attention broadcast", "euler, CFG batched, faster cache"):
         assert rows[name]["calls"] == rows[name]["forwards"] == steps  # the extra branch rides in the same call
     assert all(row["tokens"] == 8 for row in rows.values())
     output = capsys.readouterr().out

@@ -216,9 +216,9 @@ class TestNanoI2VPipeline:
         assert len(recorder.calls) == 2  # one call per step, both branches inside
         for call in recorder.calls:
             assert call["hidden_states"].shape[0] == 2
-            cond_mask, uncond_mask = call["encoder_attention_mask"].chunk(2)
+            uncond_mask, cond_mask = call["encoder_attention_mask"].chunk(2)  # [uncond, cond], as in diffusers
             assert cond_mask.sum() > 0 and uncond_mask.sum() == 0
-            cond_condition, uncond_condition = call["condition"].chunk(2)
+            uncond_condition, cond_condition = call["condition"].chunk(2)
             torch.testing.assert_close(cond_condition, uncond_condition)  # the image is in both branches
 
     def test_guidance_one_runs_a_single_branch(self):
@@ -232,7 +232,8 @@ class TestNanoI2VPipeline:
         recorder = CallRecorder(pipe.transformer)
         with_image_guidance = pipe(**self.get_dummy_inputs(image_guidance_scale=2.0, output_type="latent")).frames
         condition = recorder.calls[0]["condition"]
-        assert condition.shape[0] == 3 and condition[2].abs().sum() == 0  # the last branch has no image
+        assert condition.shape[0] == 3 and condition[0].abs().sum() == 0  # the first branch has no image
+        assert condition[1:].abs().sum() > 0
         plain = pipe(**self.get_dummy_inputs(output_type="latent")).frames
         assert (with_image_guidance - plain).abs().max() > 1e-5
 
@@ -246,8 +247,8 @@ class TestNanoI2VPipeline:
 
         recorder = CallRecorder(pipe.transformer)
         at = {scale: run(negative_prompt=negative, negative_guidance_scale=scale) for scale in (0.0, 1.0, 2.0)}
-        masks = recorder.calls[0]["encoder_attention_mask"]  # branches: prompt, negative prompt, no text
-        assert masks.shape[0] == 3 and masks[0].sum() > 0 and masks[1].sum() > 0 and masks[2].sum() == 0
+        masks = recorder.calls[0]["encoder_attention_mask"]  # branches: negative prompt, no text, prompt
+        assert masks.shape[0] == 3 and masks[0].sum() > 0 and masks[1].sum() == 0 and masks[2].sum() > 0
         # Scale 0 is plain CFG against no text, whatever the negative prompt says ...
         torch.testing.assert_close(at[0.0], run(), atol=1e-5, rtol=1e-4)
         # ... and one Euler step is linear in the scale: the term is added, not mixed into CFG.

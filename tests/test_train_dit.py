@@ -246,7 +246,8 @@ def test_lora_run_trains_only_the_adapter_and_saves_it_for_load_lora_weights(tmp
     layers = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert layers and all(".lora_A." in name or ".lora_B." in name for name in layers)
     assert all(value.dtype == torch.float32 for value in layers.values())
-    assert {name.split(".")[-3] for name in layers} == set(train_dit.LORA_TARGET_MODULES)
+    assert {name.split(".lora_")[0].split("attn")[1].split(".", 1)[1] for name in layers} == set(
+        train_dit.LORA_TARGET_MODULES)
     assert sorted(uploads["user/tiny-lora"]) == ["README.md", "pytorch_lora_weights.safetensors",
                                                  "samples/step-000003-0.gif", "samples/step-000003-1.gif"]  # fmt: skip
     card = (out / "README.md").read_text()
@@ -254,7 +255,7 @@ def test_lora_run_trains_only_the_adapter_and_saves_it_for_load_lora_weights(tmp
     assert "base_model:" not in card and "- lora" in card and str(tmp_path) not in card
     assert "LoRA weights for the local pipeline folder `base`" in card
     assert 'pipe.from_pretrained("base")' not in card and 'NanoI2VPipeline.from_pretrained("base")' in card
-    assert 'pipe.load_lora_weights("user/tiny-lora")' in card and "rank 4, alpha 8, on to_qkv" in card
+    assert 'pipe.load_lora_weights("user/tiny-lora")' in card and "rank 4, alpha 8, on to_q, to_k, to_v, to_out.0" in card
 
     # The saved adapter is the EMA of the adapter alone: the EMA holds one tensor per adapter weight.
     ema_state = torch.load(out / "checkpoint-3" / "custom_checkpoint_0.pkl", weights_only=True)
@@ -283,6 +284,9 @@ def test_lora_config_rules(tmp_path, assets):
         DiTTrainingConfig(lora_rank=4, pretrained_transformer=str(tmp_path / "base" / "transformer"))
     with pytest.raises(ValueError, match="lora_rank must be >= 1"):
         DiTTrainingConfig(lora_rank=0, pretrained_transformer=str(tmp_path / "base"))
+    with pytest.raises(ValueError, match=r"fused projections of earlier versions \['to_qkv'\].*to_q, to_k, to_v"):
+        DiTTrainingConfig(lora_rank=2, lora_target_modules=["to_qkv", "to_q"],
+                          pretrained_transformer=str(tmp_path / "base"))
     config = DiTTrainingConfig(lora_rank=2, pretrained_transformer=str(tmp_path / "base"),
                                transformer_overrides={"num_text_refiner_layers": 1})  # fmt: skip
     with pytest.raises(ValueError, match="only the adapter trains.*num_text_refiner_layers"):
@@ -433,8 +437,8 @@ def test_shipped_lora_configs_adapt_the_shipped_pipeline(name, monkeypatch):
     transformer = train_dit.build_transformer(config, latent_channels=16, text_dim=384)
     trainable = [key for key, parameter in transformer.named_parameters() if parameter.requires_grad]
     assert trainable and all(".lora_A." in key or ".lora_B." in key for key in trainable)
-    # A and B on each block's five projections: attn1's to_qkv and to_out, attn2's to_q, to_kv and to_out.
-    assert len(trainable) == 2 * 5 * transformer.config.num_layers
+    # A and B on each block's eight projections: to_q, to_k, to_v and to_out.0 of attn1 and of attn2.
+    assert len(trainable) == 2 * 8 * transformer.config.num_layers
 
 
 def test_a_pretrained_transformer_grows_by_its_overrides(tmp_path):

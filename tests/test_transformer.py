@@ -16,10 +16,8 @@ from nanoi2v_diffusers.models.transformer_nanoi2v import (
     NanoI2VTransformer3DModel,
     QKRMSNorm,
     _RMSNorm,
-    _full_attention,
-    _spatial_attention,
-    _temporal_attention,
     apply_rotary_emb,
+    attend,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -221,7 +219,7 @@ def test_lora_adapter_can_be_added_saved_and_loaded(tmp_path):
     with torch.no_grad():
         base_out = model(*inputs[:3], condition=inputs[3]).sample
 
-    targets = ["to_qkv", "to_q", "to_kv", "to_out"]
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' default LoRA targets
     lora = LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
     model.add_adapter(lora)
     with torch.no_grad():
@@ -446,8 +444,11 @@ def test_blocks_compile_for_training_without_graph_breaks(autocast):
         compiled = gradients()
     finally:
         torch._dynamo.reset()
+    # bf16 results may round differently compiled (a sum of the key and value projections' input gradients in
+    # another order): torch's bf16 tolerance there, float32's otherwise.
+    tolerance = dict(rtol=1.6e-2, atol=1e-3) if autocast else {}
     for name, grad in reference.items():
-        torch.testing.assert_close(compiled[name], grad, msg=name)
+        torch.testing.assert_close(compiled[name], grad, msg=name, **tolerance)
 
 
 @pytest.mark.parametrize(
@@ -496,9 +497,11 @@ def test_factorized_attention_equals_masked_full_attention():
         q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))
         return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask).transpose(1, 2)
 
-    torch.testing.assert_close(_spatial_attention(q, k, v, frames), masked_full(frame_of))
-    torch.testing.assert_close(_temporal_attention(q, k, v, frames), masked_full(position_of))
-    torch.testing.assert_close(_full_attention(q, k, v, frames), masked_full(torch.zeros_like(frame_of)))
+    torch.testing.assert_close(attend(q, k, v, "spatial", frames), masked_full(frame_of))
+    torch.testing.assert_close(attend(q, k, v, "temporal", frames), masked_full(position_of))
+    torch.testing.assert_close(attend(q, k, v, "full", frames), masked_full(torch.zeros_like(frame_of)))
+    for axes in ("full", "spatial", "temporal"):  # one head at a time (attention slicing): the same values
+        torch.testing.assert_close(attend(q, k, v, axes, frames, slice_size=1), attend(q, k, v, axes, frames))
 
 
 def test_rope_scores_depend_only_on_relative_position_and_tables_are_cached():

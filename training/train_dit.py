@@ -57,8 +57,8 @@ from nanoi2v_diffusers.training.trainer import (
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
 VALIDATION_FORMATS = ("gif", "mp4")
-# The attention projections of every block (self-attention's fused QKV, cross-attention's Q and fused KV).
-LORA_TARGET_MODULES = ("to_qkv", "to_q", "to_kv", "to_out")
+# diffusers' default LoRA targets: every attention projection (self- and cross-attention's query, key, value, output).
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 VALIDATION_DIR = "validation"
 
 
@@ -160,7 +160,13 @@ class DiTTrainingConfig(TrainingConfig):
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha must be > 0 or None (= lora_rank); got {self.lora_alpha}.")
         if not self.lora_target_modules:
-            raise ValueError("lora_target_modules must name at least one module, e.g. ['to_qkv'].")
+            raise ValueError("lora_target_modules must name at least one module, e.g. ['to_q', 'to_k', 'to_v'].")
+        fused = [name for name in self.lora_target_modules if name in ("to_qkv", "to_kv", "to_out")]
+        if fused:
+            raise ValueError(
+                f"lora_target_modules names the fused projections of earlier versions {fused}; the attention now "
+                "has diffusers' names: to_q, to_k, to_v, to_out.0."
+            )
         if not (self.pretrained_transformer and hub_utils.is_pipeline_folder(self.pretrained_transformer)):
             raise ValueError(
                 "lora_rank needs pretrained_transformer to be a pipeline folder (with model_index.json): the "

@@ -6,13 +6,16 @@ adaLN-modulated self-attention (QK RMSNorm, 3D RoPE), cross-attention to the tex
 a final adaLN + linear maps the tokens back to patches. Optional text-refiner blocks let the text
 tokens attend to each other before the video tokens read them.
 
-Written with the GPU path in mind: one fused QKV projection per self-attention, RoPE tables built
-once per (grid, device, dtype) outside the blocks, and blocks without data-dependent Python
-control flow, so `compile_repeated_blocks()` compiles them without graph breaks. In training, the
+Attention is diffusers' kind (docs/design.md, "diffusers' contracts"): `NanoI2VAttention` modules with
+`to_q`/`to_k`/`to_v`/`to_out.0` and a processor that calls diffusers' attention dispatch, so attention
+backends, processors, QKV fusion, attention slicing, LoRA's default targets and the step caches work as
+on Wan. RoPE tables are built once per (grid, device, dtype) outside the blocks, and the blocks have no
+data-dependent Python control flow, so `compile_repeated_blocks()` compiles them without graph breaks. In training, the
 adaLN norms, the feed-forward and (off CUDA) the QK RMSNorm keep fewer activations for backward than
 plain autograd would (`_LayerNormModulate`, `_GELULinear`, `_RMSNorm`).
 """
 
+import copy
 import math
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Tuple, Union
@@ -22,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import FeedForward
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import PixArtAlphaTextProjection, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -276,95 +280,166 @@ class NanoI2VRotaryPosEmbed(nn.Module):
         return tables
 
 
-def _full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Every token attends to every token. q, k, v, output: (B, N, heads, D)."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    axes: str = "full",
+    num_frames: int = 1,
+    attention_mask: Optional[torch.Tensor] = None,
+    backend=None,
+    slice_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Attention of (B, N, heads, D) queries over (B, L, heads, D) keys and values through diffusers'
+    `dispatch_attention_fn` (so `set_attention_backend` picks the kernel), `slice_size` heads at a time when set.
 
-
-def _spatial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Tokens attend within their own frame: (B, T*S, heads, D) -> (B*T, heads, S, D) views."""
-    b, n, heads, d = q.shape
-    q, k, v = (x.reshape(b * num_frames, n // num_frames, heads, d).transpose(1, 2) for x in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)  # (B*T, heads, S, D)
-    return out.transpose(1, 2).reshape(b, n, heads, d)
-
-
-def _temporal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """Tokens attend across frames at their own (h, w) position: (B, T*S, heads, D) -> (B*S, heads, T, D)."""
-    b, n, heads, d = q.shape
-    s = n // num_frames
-    q, k, v = (
-        x.reshape(b, num_frames, s, heads, d).permute(0, 2, 3, 1, 4).reshape(b * s, heads, num_frames, d)
-        for x in (q, k, v)
-    )
-    out = F.scaled_dot_product_attention(q, k, v)  # (B*S, heads, T, D)
-    return out.reshape(b, s, heads, num_frames, d).permute(0, 3, 1, 2, 4).reshape(b, n, heads, d)
-
-
-_ATTENTION_FUNCTIONS = {"full": _full_attention, "spatial": _spatial_attention, "temporal": _temporal_attention}
-
-
-class NanoI2VSelfAttention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection, per-head QK RMSNorm and 3D RoPE.
-
-    `axes` picks which tokens attend to each other: "full" (all), "spatial" (same frame) or
-    "temporal" (same position across frames). RoPE is relative, so the full 3D table serves all
-    three: the angles of the axes a token pair shares cancel in q.k.
+    `axes` picks which tokens attend to each other: "full" (all), "spatial" (within a frame: (B*T, S) rows) or
+    "temporal" (one position across frames: (B*S, T) rows), for N = T * S video tokens of `num_frames` frames.
     """
+    batch, tokens, heads, dim = query.shape
+    per_frame = tokens // num_frames
+    if axes == "spatial":
+        query, key, value = (x.reshape(batch * num_frames, per_frame, heads, dim) for x in (query, key, value))
+    elif axes == "temporal":
+        query, key, value = (
+            x.reshape(batch, num_frames, per_frame, heads, dim).transpose(1, 2).reshape(-1, num_frames, heads, dim)
+            for x in (query, key, value)
+        )
+    step = slice_size or heads
+    if step >= heads:
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=backend)
+    else:
+        out = torch.cat([dispatch_attention_fn(query[:, :, i : i + step], key[:, :, i : i + step],
+                                               value[:, :, i : i + step], attn_mask=attention_mask, backend=backend)
+                         for i in range(0, heads, step)], dim=2)  # fmt: skip
+    if axes == "spatial":
+        return out.reshape(batch, tokens, heads, dim)
+    if axes == "temporal":
+        return out.reshape(batch, per_frame, num_frames, heads, dim).transpose(1, 2).reshape(batch, tokens, heads, dim)
+    return out
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_norm: bool, eps: float, axes: str = "full"):
-        super().__init__()
-        self.num_heads = num_heads
-        self.attend = _ATTENTION_FUNCTIONS[axes]
-        self.to_qkv = nn.Linear(dim, 3 * num_heads * head_dim)
-        self.norm_q = _qk_norm(head_dim, qk_norm, eps)
-        self.norm_k = _qk_norm(head_dim, qk_norm, eps)
-        self.to_out = nn.Linear(num_heads * head_dim, dim)
 
-    def forward(
-        self, hidden_states: torch.Tensor, rotary_emb: Tuple[torch.Tensor, torch.Tensor], num_frames: int
+def _qkv_projections(attn: "NanoI2VAttention", hidden_states: torch.Tensor, encoder_hidden_states):
+    """(query, key, value), each (B, tokens, inner_dim), from the separate projections or the fused ones."""
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    if not attn.fused_projections:
+        return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    if attn.is_cross_attention:
+        return (attn.to_q(hidden_states), *attn.to_kv(context).chunk(2, dim=-1))
+    return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+
+
+class NanoI2VAttnProcessor:
+    """`NanoI2VAttention`'s computation: projections, per-head QK RMSNorm, 3D RoPE (self-attention), attention
+    through diffusers' dispatch (`_attention_backend`, set by `set_attention_backend`), output projection."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: "NanoI2VAttention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        num_frames: int = 1,
     ) -> torch.Tensor:
-        qkv = self.to_qkv(hidden_states).unflatten(-1, (3, self.num_heads, -1))  # (B, N, 3, heads, D)
-        q, k, v = qkv.unbind(2)
-        q = apply_rotary_emb(self.norm_q(q), *rotary_emb)
-        k = apply_rotary_emb(self.norm_k(k), *rotary_emb)
-        out = self.attend(q, k, v, num_frames)  # (B, N, heads, D)
-        return self.to_out(out.flatten(2))
+        query, key, value = _qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (attn.heads, -1)))  # (B, N, heads, D)
+        key = attn.norm_k(key.unflatten(-1, (attn.heads, -1)))
+        value = value.unflatten(-1, (attn.heads, -1))
+        if rotary_emb is not None:
+            query, key = apply_rotary_emb(query, *rotary_emb), apply_rotary_emb(key, *rotary_emb)
+        out = attend(query, key, value, attn.axes, num_frames, attention_mask, self._attention_backend, attn.slice_size)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2)))
 
 
-class NanoI2VCrossAttention(nn.Module):
-    """Video tokens attend to text tokens; key and value come from one fused projection.
+class NanoI2VAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head attention with diffusers' projection names (`to_q`, `to_k`, `to_v`, `to_out.0`), per-head QK
+    RMSNorm, and its computation in a processor (`NanoI2VAttnProcessor`), as diffusers' own attention modules:
+    `set_attn_processor`, `set_attention_backend`, `fuse_qkv_projections` and LoRA's default targets work on it.
 
-    The output projection starts at zero, so a fresh block ignores the text (adaLN-Zero identity).
+    Self-attention (`is_cross_attention=False`) gets the 3D RoPE; `axes` restricts it to "spatial" (same frame)
+    or "temporal" (same position) tokens. RoPE is relative, so the full 3D table serves all three: the angles
+    of the axes a token pair shares cancel in q.k.
     """
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int, qk_norm: bool, eps: float):
+    _default_processor_cls = NanoI2VAttnProcessor
+    _available_processors = [NanoI2VAttnProcessor]
+
+    def __init__(self, dim: int, heads: int, dim_head: int, qk_norm: bool = True, eps: float = 1e-6,
+                 is_cross_attention: bool = False, axes: str = "full", processor=None):  # fmt: skip
         super().__init__()
-        self.num_heads = num_heads
-        self.to_q = nn.Linear(dim, num_heads * head_dim)
-        self.to_kv = nn.Linear(dim, 2 * num_heads * head_dim)
-        self.norm_q = _qk_norm(head_dim, qk_norm, eps)
-        self.norm_k = _qk_norm(head_dim, qk_norm, eps)
-        self.to_out = nn.Linear(num_heads * head_dim, dim)
+        self.heads, self.inner_dim, self.axes = heads, heads * dim_head, axes
+        self.is_cross_attention = is_cross_attention
+        self.slice_size: Optional[int] = None  # heads per attention call (attention slicing); None: all at once
+        self.to_q = nn.Linear(dim, self.inner_dim)
+        self.to_k = nn.Linear(dim, self.inner_dim)
+        self.to_v = nn.Linear(dim, self.inner_dim)
+        self.to_out = nn.ModuleList([nn.Linear(self.inner_dim, dim), nn.Dropout(0.0)])
+        self.norm_q = _qk_norm(dim_head, qk_norm, eps)
+        self.norm_k = _qk_norm(dim_head, qk_norm, eps)
+        self.set_processor(processor or self._default_processor_cls())
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """One projection for query, key and value (self-attention), or for key and value (cross-attention)."""
+        if self.fused_projections:
+            return
+        names = ("to_k", "to_v") if self.is_cross_attention else ("to_q", "to_k", "to_v")
+        layers = [getattr(self, name) for name in names]
+        fused = nn.Linear(layers[0].in_features, sum(layer.out_features for layer in layers), device="meta")
+        fused.load_state_dict({"weight": torch.cat([layer.weight for layer in layers]),
+                               "bias": torch.cat([layer.bias for layer in layers])}, assign=True)  # fmt: skip
+        setattr(self, "to_kv" if self.is_cross_attention else "to_qkv", fused)
+        self.fused_projections = True
+
+    def unfuse_projections(self) -> None:
+        for name in ("to_qkv", "to_kv"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.fused_projections = False
+
+    def set_attention_slice(self, slice_size: Optional[int]) -> None:
+        """Compute attention `slice_size` heads at a time (less memory, more calls); None: all heads at once."""
+        if slice_size is not None and not 1 <= slice_size <= self.heads:
+            raise ValueError(f"slice_size must be between 1 and the number of heads ({self.heads}); got {slice_size}.")
+        self.slice_size = slice_size
 
     def forward(
         self,
         hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        rotary_emb: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+        num_frames: int = 1,
         has_text: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        q = self.norm_q(self.to_q(hidden_states).unflatten(-1, (self.num_heads, -1)))  # (B, N, heads, D)
-        k, v = self.to_kv(encoder_hidden_states).unflatten(-1, (2, self.num_heads, -1)).unbind(2)  # (B, L, heads, D)
-        k = self.norm_k(k)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attention_mask
-        )  # (B, heads, N, D)
-        out = self.to_out(out.transpose(1, 2).flatten(2))
-        if has_text is not None:
-            out = out * has_text  # rows whose tokens are all padding get no text signal
-        return out
+        out = self.processor(self, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
+                             num_frames=num_frames)  # fmt: skip
+        return out if has_text is None else out * has_text  # rows whose tokens are all padding get no text signal
+
+
+def convert_fused_attention_keys(state_dict: Dict[str, torch.Tensor], lora: bool = False) -> Dict[str, torch.Tensor]:
+    """Keys saved before the attention took diffusers' names, in place: `to_qkv` -> `to_q`, `to_k`, `to_v`;
+    `to_kv` -> `to_k`, `to_v`; `to_out` -> `to_out.0`. With `lora`, a fused projection's LoRA is split exactly: its
+    `lora_A` goes to each part, its `lora_B` is cut like the weight. Returns `state_dict`."""
+    parts = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v")}
+    for key in list(state_dict):
+        path, _, leaf = key.rpartition(".")  # e.g. "blocks.0.attn1.to_qkv", "weight" (or "...to_qkv.lora_A", "weight")
+        if lora:
+            path, _, adapter = path.rpartition(".")
+            leaf = f"{adapter}.{leaf}"
+        module, _, name = path.rpartition(".")
+        if name in parts:
+            value = state_dict.pop(key)
+            chunks = [value] * len(parts[name]) if leaf.startswith("lora_A") else value.chunk(len(parts[name]))
+            for part, chunk in zip(parts[name], chunks):
+                state_dict.setdefault(f"{module}.{part}.{leaf}", chunk)
+        elif name == "to_out" and (leaf in ("weight", "bias") or lora):
+            state_dict[f"{path}.0.{leaf}"] = state_dict.pop(key)
+    return state_dict
 
 
 class NanoI2VTextRefinerBlock(nn.Module):
@@ -379,7 +454,8 @@ class NanoI2VTextRefinerBlock(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, num_heads: int, head_dim: int, qk_norm: bool, eps: float):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = NanoI2VCrossAttention(dim, num_heads, head_dim, qk_norm, eps)  # called with q = kv: self-attention
+        # Called with the text as both query and context: self-attention over the text, without RoPE.
+        self.attn = NanoI2VAttention(dim, num_heads, head_dim, qk_norm, eps, is_cross_attention=True)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.ffn = NanoI2VFeedForward(dim, ffn_dim)
 
@@ -391,7 +467,7 @@ class NanoI2VTextRefinerBlock(nn.Module):
     ) -> torch.Tensor:
         # context: (B, L, dim); padding tokens are masked as keys, and rows without text stay as they are.
         normed = self.norm1(context)
-        context = context + self.attn(normed, normed, attention_mask, has_text)
+        context = context + self.attn(normed, normed, attention_mask, has_text=has_text)
         return context + self.ffn(self.norm2(context))
 
 
@@ -415,12 +491,12 @@ class NanoI2VTransformerBlock(nn.Module):
         super().__init__()
         factorized = attention_type == "factorized"
         self.norm1 = ModulatedLayerNorm(dim, eps=eps)
-        self.attn1 = NanoI2VSelfAttention(dim, num_heads, head_dim, qk_norm, eps, "spatial" if factorized else "full")
+        self.attn1 = NanoI2VAttention(dim, num_heads, head_dim, qk_norm, eps, axes="spatial" if factorized else "full")
         self.attn_temporal = (
-            NanoI2VSelfAttention(dim, num_heads, head_dim, qk_norm, eps, "temporal") if factorized else None
+            NanoI2VAttention(dim, num_heads, head_dim, qk_norm, eps, axes="temporal") if factorized else None
         )
         self.norm2 = nn.LayerNorm(dim, eps=eps) if cross_attn_norm else nn.Identity()
-        self.attn2 = NanoI2VCrossAttention(dim, num_heads, head_dim, qk_norm, eps)
+        self.attn2 = NanoI2VAttention(dim, num_heads, head_dim, qk_norm, eps, is_cross_attention=True)
         self.norm3 = ModulatedLayerNorm(dim, eps=eps)
         # Exact (erf) GELU: the tanh form only approximates it and is 2x slower forward + backward on CPU.
         self.ffn = NanoI2VFeedForward(dim, ffn_dim)
@@ -428,7 +504,7 @@ class NanoI2VTransformerBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.zeros(1, _num_modulations(attention_type), dim))
 
     def _modulated_attention(self, attn, hidden_states, shift, scale, gate, rotary_emb, num_frames):
-        attn_output = attn(self.norm1(hidden_states, shift, scale), rotary_emb, num_frames)
+        attn_output = attn(self.norm1(hidden_states, shift, scale), rotary_emb=rotary_emb, num_frames=num_frames)
         return torch.addcmul(hidden_states, attn_output, gate)
 
     def forward(
@@ -453,7 +529,7 @@ class NanoI2VTransformerBlock(nn.Module):
             )
 
         hidden_states = hidden_states + self.attn2(
-            self.norm2(hidden_states), encoder_hidden_states, encoder_attention_mask, has_text
+            self.norm2(hidden_states), encoder_hidden_states, encoder_attention_mask, has_text=has_text
         )
 
         ffn_shift, ffn_scale, ffn_gate = ffn_mod
@@ -471,7 +547,9 @@ def _register_block_for_caches() -> None:
     TransformerBlockRegistry.register(model_class=NanoI2VTransformerBlock, metadata=metadata)
 
 
-class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin):
+class NanoI2VTransformer3DModel(
+    SafeLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin
+):
     r"""
     Diffusion transformer for image-to-video flow matching: predicts the velocity `noise - x0`.
 
@@ -566,15 +644,42 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
         self.proj_out = nn.Linear(inner_dim, out_channels * math.prod(patch_size))
         self.gradient_checkpointing = False
         self._zero_init_outputs()
+        self._register_load_state_dict_pre_hook(self._convert_legacy_keys)
 
     def enable_cache(self, config) -> None:
-        """Turn on one of diffusers' step caches, as on its own transformers (`CacheMixin.enable_cache`).
+        """Turn on one of diffusers' step caches, as on its own transformers (`CacheMixin.enable_cache`): the
+        block-level ones (`FirstBlockCacheConfig`, `MagCacheConfig`, `TaylorSeerCacheConfig` with
+        `cache_identifiers=[r"^blocks\\.\\d+$"]`) and the attention-level ones (`PyramidAttentionBroadcastConfig`,
+        `FasterCacheConfig`), which find the `NanoI2VAttention` modules of `blocks`. FasterCache's unconditional
+        skipping expects the pipeline's plain CFG batch [uncond, cond] (two branches)."""
+        from diffusers.hooks import FasterCacheConfig
 
-        Block-level caches work as they are: `FirstBlockCacheConfig`, `MagCacheConfig`; `TaylorSeerCacheConfig`
-        with `cache_identifiers=[r"^blocks\\.\\d+$"]`. The attention-level ones (Pyramid Attention Broadcast,
-        FasterCache) look for diffusers' `Attention` modules, which this model does not use."""
         _register_block_for_caches()
+        names = getattr(config, "_unconditional_conditional_input_kwargs_identifiers", ())
+        if isinstance(config, FasterCacheConfig) and "condition" not in names:
+            # The image condition is batched per guidance branch like the latents: FasterCache must split it too.
+            config = copy.copy(config)
+            config._unconditional_conditional_input_kwargs_identifiers = (*names, "condition")
         super().enable_cache(config)
+
+    def set_attention_slice(self, slice_size: Union[str, int, None]) -> None:
+        """Attention `slice_size` heads at a time in every attention module ("auto": half the heads, "max": one;
+        None: all at once), which `DiffusionPipeline.enable_attention_slicing` calls."""
+        heads = self.config.num_attention_heads
+        size = {"auto": max(1, heads // 2), "max": 1}.get(slice_size, slice_size)
+        for module in self.modules():
+            if isinstance(module, NanoI2VAttention):
+                module.set_attention_slice(size)
+
+    def _fix_state_dict_keys_on_load(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        """diffusers' hook on loading a checkpoint: weights saved with the fused projection names load unchanged."""
+        super()._fix_state_dict_keys_on_load(state_dict)
+        convert_fused_attention_keys(state_dict)
+
+    @staticmethod
+    def _convert_legacy_keys(state_dict, *args) -> None:
+        """`load_state_dict` pre-hook (a training checkpoint, a state dict in memory): the same conversion."""
+        convert_fused_attention_keys(state_dict)
 
     @staticmethod
     def _check_config(patch_size, in_channels, out_channels, attention_head_dim, attention_type):
@@ -596,8 +701,8 @@ class NanoI2VTransformer3DModel(SafeLoadingMixin, ModelMixin, ConfigMixin, PeftA
         """adaLN-Zero: the modulation (so every gate), the cross-attention outputs and the final
         projection start at zero: each fresh block is the identity and the model outputs zeros. The
         text refiner's attention and MLP outputs too, so each fresh refiner block is the identity."""
-        refiner_outputs = [layer for block in self.text_refiner for layer in (block.attn.to_out, block.ffn.net[-1])]
-        cross_attention_outputs = [block.attn2.to_out for block in self.blocks]
+        refiner_outputs = [layer for block in self.text_refiner for layer in (block.attn.to_out[0], block.ffn.net[-1])]
+        cross_attention_outputs = [block.attn2.to_out[0] for block in self.blocks]
         for module in (self.time_modulation[1], self.proj_out, *cross_attention_outputs, *refiner_outputs):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
