@@ -140,6 +140,9 @@ def _fsdp2_worker(rank: int, port: int, lora: bool, out: str) -> None:
         grads = {name: param.grad.full_tensor() for name, param in model.named_parameters() if param.grad is not None}
         if rank == 0:
             torch.save(grads, out)
+        # gloo aborts a process ("terminate called without an active exception") when one rank tears its
+        # group down while the other is still in a collective or its own teardown: leave together
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
