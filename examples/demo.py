@@ -1,4 +1,5 @@
-"""The main job: videos from built-in first frames and prompts, with a trained shapes model.
+"""The main job: videos from built-in first frames and prompts, with a trained shapes model; then a video from
+a first and a last frame, and a clip continued to twice its length.
 
     python examples/demo.py            # `make demo`: use the shipped model, generate, score
     python examples/demo.py --train    # `make train-demo`: run the built-in model's recipe first, score it
@@ -39,6 +40,8 @@ NUM_COMPARISON_SCENES = 256  # a trained model against the shipped one, scene by
 # Demo scenes: validation seeds (never trained on), and one image shown with two different motions.
 DEMO_SCENE_INDICES = (0, 1, 2)
 TEXT_SWAP_DIRECTIONS = ("left", "right")
+FIRST_LAST_SCENE, CONTINUED_SCENE = 5, 6  # validation scenes for the other conditioning tasks
+CONTEXT_FRAMES, CONTINUED_FRAMES = 9, 33  # a continuation from the clip's first 9 frames to 33 frames
 NUM_QUICK_SCENES = 8  # a first look in seconds; `nanoi2v evaluate --num_scenes 256` gives the real numbers
 NUM_STEPS = 20
 GUIDANCE = 5.0
@@ -89,6 +92,22 @@ def generate_demo_videos(pipe, scenes: List[DemoScene]) -> List[np.ndarray]:
         generator=[torch.Generator().manual_seed(i) for i in range(len(scenes))],
     ).frames
     return [video_to_uint8(video) for video in frames]
+
+
+def task_demo_videos(pipe, config: ShapesConfig) -> List[tuple]:
+    """(name, video, label) of two more conditioning tasks: a first and a last frame, and a continued clip."""
+    first_last = render_clip(sample_scene(shapes_split_seed("validation", FIRST_LAST_SCENE), config), config)
+    video = pipe(image=first_last.video[0], last_image=first_last.video[-1], prompt=first_last.caption,
+                 num_inference_steps=NUM_STEPS, guidance_scale=GUIDANCE,
+                 generator=torch.Generator().manual_seed(0)).frames[0]  # fmt: skip
+    opening = render_clip(sample_scene(shapes_split_seed("validation", CONTINUED_SCENE), config), config)
+    continued = pipe.continue_video(opening.video[:CONTEXT_FRAMES], prompt=opening.caption,
+                                    num_frames_total=CONTINUED_FRAMES, num_inference_steps=NUM_STEPS,
+                                    guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    return [
+        ("first_last", video_to_uint8(video), f"first + last frame given: {first_last.caption}"),
+        ("continued", video_to_uint8(continued), f"{CONTEXT_FRAMES} frames given, continued: {opening.caption}"),
+    ]
 
 
 def limits_scenes(config: ShapesConfig) -> List[DemoScene]:
@@ -143,12 +162,16 @@ def main(argv=None) -> None:
     scenes = demo_scenes(ShapesConfig())
     videos = generate_demo_videos(pipe, scenes)
 
+    named = [(scene.name, video, scene.caption) for scene, video in zip(scenes, videos)]
+    named += task_demo_videos(pipe, ShapesConfig())
+
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    for scene, video in zip(scenes, videos):
+    for name, video, label in named:
         for suffix in (".mp4", ".gif"):
-            write_video(DEMO_DIR / f"{scene.name}{suffix}", video, fps=FPS)
-        print(f"{scene.name}: {scene.caption!r} -> {DEMO_DIR / scene.name}.mp4/.gif")
-    sheet = save_contact_sheet(DEMO_DIR / "contact_sheet.png", videos, [s.caption for s in scenes], scale=2)
+            write_video(DEMO_DIR / f"{name}{suffix}", video, fps=FPS)
+        print(f"{name}: {label!r} -> {DEMO_DIR / name}.mp4/.gif")
+    sheet = save_contact_sheet(DEMO_DIR / "contact_sheet.png", [video for _, video, _ in named],
+                               [label for _, _, label in named], scale=2)  # fmt: skip
     print(f"Contact sheet: {sheet}")
     if args.limits:
         print(f"Inputs unlike the training data: {write_limits_sheet(pipe, DEMO_DIR / 'limits.png')}")

@@ -13,6 +13,7 @@ _LAZY_IMPORTS = {
     "NanoI2VTransformer3DModel": "nanoi2v_diffusers.models.transformer_nanoi2v",
     "NanoI2VFlowMatchScheduler": "nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match",
     "NanoI2VPipeline": "nanoi2v_diffusers.pipelines.pipeline_nanoi2v",
+    "NanoI2VCondition": "nanoi2v_diffusers.pipelines.pipeline_nanoi2v",
     "NanoI2VPipelineOutput": "nanoi2v_diffusers.pipelines.pipeline_nanoi2v",
 }
 

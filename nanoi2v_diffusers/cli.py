@@ -1,7 +1,9 @@
 """The `nanoi2v` command, installed with the package: `nanoi2v generate` and `nanoi2v evaluate`.
 
     nanoi2v generate --model examples/nanoi2v-shapes-64 --image first_frame.png --prompt "a red circle moves left"
-    nanoi2v evaluate --model examples/nanoi2v-shapes-64 --num_scenes 64
+    nanoi2v generate --model examples/nanoi2v-shapes-64 --image first.png --last_image last.png --prompt "..."
+    nanoi2v generate --model examples/nanoi2v-shapes-64 --video clip.mp4 --prompt "..."   # continue a clip
+    nanoi2v evaluate --model examples/nanoi2v-shapes-64 --num_scenes 64 [--task flf2v]
 
 The flags are the pipeline's argument names (`--num_inference_steps`, `--guidance_scale`, ...), and
 `--help` shows each default; `--config file.yaml` may set any of them. Every argument is checked before
@@ -96,6 +98,9 @@ class GenerateSettings(LoadingSettings):
     """nanoi2v generate: a video from a first frame and a prompt (without --image: text-to-video)."""
 
     image: Optional[str] = None  # the first frame (PNG, JPEG, ...); none for text-to-video
+    last_image: Optional[str] = None  # the last frame (with --image: first and last frame to video)
+    video: Optional[str] = None  # a clip to continue: its last frames (--context_frames) open the output
+    context_frames: int = 9  # with --video: 1 + 4m frames below --num_frames
     prompt: str = ""  # the motion to generate; empty: no text
     negative_prompt: Optional[str] = None
     num_frames: int = 17  # 1 + 4k
@@ -113,8 +118,16 @@ class GenerateSettings(LoadingSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.image is not None:
-            check_image_file("image", self.image)
+        for flag in ("image", "last_image"):
+            if getattr(self, flag) is not None:
+                check_image_file(flag, getattr(self, flag))
+        if self.video is not None:
+            if self.image is not None:
+                _fail("video", self.video, "opens the output itself: give --image or --video, not both")
+            check_video_file("video", self.video)
+            if self.context_frames < 1 or (self.context_frames - 1) % 4 or self.context_frames >= self.num_frames:
+                rule = f"must be 1 + 4m and below --num_frames ({self.num_frames})"
+                _fail("context_frames", self.context_frames, rule)
         multiples = self.size_multiples()
         spatial, temporal = multiples or (16, 4)
         for flag, value in (("num_frames", self.num_frames), ("height", self.height), ("width", self.width)):
@@ -148,6 +161,7 @@ class GenerateSettings(LoadingSettings):
 class EvaluateSettings(LoadingSettings):
     """nanoi2v evaluate: score a shapes pipeline on fresh validation scenes, beside the static baseline."""
 
+    task: str = "i2v"  # what each scene is generated from: i2v, flf2v, keyframes or continue
     num_scenes: int = 64
     num_inference_steps: int = 20
     guidance_scale: float = 5.0
@@ -162,6 +176,10 @@ class EvaluateSettings(LoadingSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from .evaluation.shapes_metrics import EVAL_TASKS
+
+        if self.task not in EVAL_TASKS:
+            _fail("task", self.task, f"must be one of {', '.join(EVAL_TASKS)}")
         for flag in ("num_scenes", "num_inference_steps", "batch_size", "min_objects"):
             if getattr(self, flag) < 1:
                 _fail(flag, getattr(self, flag), "must be >= 1")
@@ -191,6 +209,18 @@ def check_image_file(flag: str, path: str) -> None:
             image.load()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         _fail(flag, path, f"not a readable image ({type(error).__name__}: {error})")
+
+
+def check_video_file(flag: str, path: str) -> None:
+    """Raise `UsageError` unless `path` is a video PyAV can decode."""
+    from .data.video_io import VideoDecodeError, read_video_frames
+
+    if not Path(path).is_file():
+        _fail(flag, path, "no such file")
+    try:
+        read_video_frames(path, num_frames=1)
+    except VideoDecodeError as error:
+        _fail(flag, path, f"not a readable video ({error})")
 
 
 def check_output_file(flag: str, path: str) -> None:
@@ -280,11 +310,16 @@ def generate(settings: GenerateSettings) -> List[Path]:
 
     from .data import write_video
 
+    from .data.video_io import read_video_frames
+
     pipe = _load(settings)
-    image = Image.open(settings.image) if settings.image else None  # any mode: the pipeline cleans it up
+    # Any image mode: the pipeline cleans it up.
+    image, last_image = (Image.open(path) if path else None for path in (settings.image, settings.last_image))
+    video = read_video_frames(settings.video)[-settings.context_frames :] if settings.video else None
     generator = torch.Generator().manual_seed(settings.seed)
     videos = pipe(
-        image=image, prompt=settings.prompt, negative_prompt=settings.negative_prompt, height=settings.height,
+        image=image, last_image=last_image, video=video, prompt=settings.prompt,
+        negative_prompt=settings.negative_prompt, height=settings.height,
         width=settings.width, num_frames=settings.num_frames, num_inference_steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale, image_guidance_scale=settings.image_guidance_scale,
         negative_guidance_scale=settings.negative_guidance_scale,
@@ -311,7 +346,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         pipe, num_scenes=settings.num_scenes, num_inference_steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=settings.batch_size,
         text_swap=settings.text_swap, negative_prompt=swap_motions if settings.swap_motions_negative else None,
-        negative_guidance_scale=settings.negative_guidance_scale,
+        negative_guidance_scale=settings.negative_guidance_scale, task=settings.task,
         config=ShapesConfig(min_objects=settings.min_objects, max_objects=settings.max_objects),
     )  # fmt: skip
     results["model_path"] = settings.model
@@ -344,13 +379,14 @@ def run_command(command: str, argv: Sequence[str]):
         raise SystemExit(1) from None
 
 
-def main(argv: Optional[Sequence[str]] = None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """The console script. It returns None: its wrapper exits with the return value, and prints any other."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         commands = " | ".join(COMMANDS)
         print(f"usage: nanoi2v {{{commands}}} [--help] [flags]\n\n{__doc__.split(chr(10) * 2)[0]}", file=sys.stderr)
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    return run_command(argv[0], argv[1:])
+    run_command(argv[0], argv[1:])
 
 
 if __name__ == "__main__":

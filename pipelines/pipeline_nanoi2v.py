@@ -2,11 +2,13 @@
 
 The image is encoded by the VAE as a one-frame video; its latent becomes latent frame 0 of a
 conditioning video that the transformer sees beside the noisy latents (docs/design.md, "Conditioning";
-`nanoi2v_diffusers.conditioning`). Without an image the pipeline does text-to-video, and without
-text (prompt None or "") unconditional generation.
+`nanoi2v_diffusers.conditioning`). A last frame, keyframes (`NanoI2VCondition`) and the opening frames of a
+clip to continue are placed in the same conditioning video. Without any the pipeline does text-to-video, and
+without text (prompt None or "") unconditional generation.
 """
 
 import inspect
+import math
 import os
 from pathlib import Path
 from dataclasses import dataclass
@@ -21,9 +23,10 @@ from diffusers.loaders.lora_pipeline import Mochi1LoraLoaderMixin
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from nanoi2v_diffusers.conditioning import build_image_condition
+from nanoi2v_diffusers.conditioning import build_condition, continuation_frames, keyframe_latent_index
 from nanoi2v_diffusers.image_inputs import has_other_aspect_ratio, to_rgb_images
 from nanoi2v_diffusers.models.autoencoder_kl_nanoi2v import AutoencoderKLNanoI2V
 from nanoi2v_diffusers.models.transformer_nanoi2v import NanoI2VTransformer3DModel, convert_fused_attention_keys
@@ -90,6 +93,46 @@ class NanoI2VPipelineOutput(BaseOutput):
     """
 
     frames: Union[np.ndarray, torch.Tensor, List[List[PIL.Image.Image]]]
+
+
+@dataclass
+class NanoI2VCondition:
+    r"""
+    Frames the generated video must hold, for `NanoI2VPipeline(conditions=[...])`.
+
+    Args:
+        image (PIL image, array, tensor, or a list with one per prompt, *optional*): a keyframe at pixel frame
+            `frame_index`. A latent frame of the causal VAE holds 4 pixel frames and a keyframe is the last one,
+            so keyframes go at frames 0, 4, 8, ... (negative indices count from the end: -1 is the last frame).
+        video (*optional*): the opening frames of a clip to continue: a list of images, an `(F, H, W, C)` array or
+            an `(F, C, H, W)` tensor (several clips: a list of those, one per prompt). Its first `1 + 4m` frames
+            are kept, the most that encode to whole latent frames; they open the output and the rest is generated.
+        frame_index (`int`, defaults to 0): where `image` goes; a video starts at frame 0.
+        strength (`float`, defaults to 1.0): the share of the denoising steps, from the first, that see this
+            condition. 1 holds it throughout (and puts the latents of frame 0 or of a video back at the end);
+            less leaves the last steps free to depart from it.
+    """
+
+    image: Optional[PipelineImageInput] = None
+    video: Optional[Any] = None
+    frame_index: int = 0
+    strength: float = 1.0
+
+
+@dataclass
+class _KnownFrames:
+    """One condition, checked: its frames per video (one list, or one per prompt) and where they go."""
+
+    name: str  # how errors and logs call it, e.g. "conditions[1]"
+    frames: List[List[PIL.Image.Image]]  # per video: one frame (an image) or 1 + r * m frames (a video)
+    latent_index: int  # the latent frame of its first frame
+    num_latent_frames: int
+    strength: float
+
+    @property
+    def is_prefix(self) -> bool:
+        """Opening frames: encoded together they are exactly the clip's own first latents (the VAE is causal)."""
+        return self.latent_index == 0
 
 
 class NanoI2VLoraLoaderMixin(Mochi1LoraLoaderMixin):
@@ -349,7 +392,6 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
 
     def check_inputs(
         self,
-        image,
         prompt,
         negative_prompt,
         height: int,
@@ -402,13 +444,6 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             raise ValueError("Pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
         for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
             _check_prompt_type(name, value)
-        if image is not None:
-            num_images = _num_images(image)
-            num_prompts = _prompt_batch_size(prompt, prompt_embeds)
-            if num_prompts is not None and num_images not in (1, num_prompts):
-                raise ValueError(
-                    f"Got {num_images} images for {num_prompts} prompts: pass one image, or one image per prompt."
-                )
         if latents is not None and not torch.isfinite(latents).all():
             raise ValueError("`latents` contain NaN or inf values.")
 
@@ -442,17 +477,24 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         Images of any mode, dtype or layout are first made 8-bit RGB (`nanoi2v_diffusers.image_inputs`), then
         resized to cover `(height, width)` and center-cropped.
         """
-        images = to_rgb_images(image)
-        if has_other_aspect_ratio(images, height, width):
-            logger.info(f"Conditioning image resized to cover {height}x{width}, then center-cropped (other aspect).")
-        pixels = self.video_processor.preprocess(images, height=height, width=width, resize_mode=IMAGE_RESIZE_MODE)
-        pixels = pixels.to(device=device, dtype=self.vae.dtype).unsqueeze(2)  # (N, C, 1, H, W)
-        # The mode of the posterior: the image is a condition, so no sampling noise is wanted.
-        image_latents = self.vae.encode(pixels).latent_dist.mode()
-        image_latents = self.vae.normalize_latents(image_latents).to(dtype)
-        if image_latents.shape[0] != batch_size:
-            image_latents = image_latents.repeat_interleave(batch_size // image_latents.shape[0], dim=0)
-        return image_latents
+        return self.encode_frames([[image] for image in to_rgb_images(image)], height, width, batch_size, device, dtype)
+
+    def encode_frames(
+        self, frames: List[List[PIL.Image.Image]], height: int, width: int, batch_size: int, device, dtype
+    ) -> torch.Tensor:
+        """VAE latents `(B, C, T, h, w)` of one video per item of `frames` (each a list of `1 + r * m` frames, one
+        for an image), normalised like the training latents; one item is repeated for the whole batch."""
+        if has_other_aspect_ratio([video[0] for video in frames], height, width):
+            logger.info(f"Conditioning frames resized to cover {height}x{width}, then center-cropped (other aspect).")
+        pixels = torch.stack([
+            self.video_processor.preprocess(video, height=height, width=width, resize_mode=IMAGE_RESIZE_MODE)
+            .transpose(0, 1) for video in frames
+        ]).to(device=device, dtype=self.vae.dtype)  # (N, C, F, H, W)  # fmt: skip
+        # The mode of the posterior: the frames are a condition, so no sampling noise is wanted.
+        latents = self.vae.normalize_latents(self.vae.encode(pixels).latent_dist.mode()).to(dtype)
+        if latents.shape[0] != batch_size:
+            latents = latents.repeat_interleave(batch_size // latents.shape[0], dim=0)
+        return latents
 
     def decode_latents(self, latents: torch.Tensor, output_type: str):
         latents = self.vae.denormalize_latents(latents.to(self.vae.dtype))
@@ -577,15 +619,19 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         ] = None,
         callback_on_step_end_tensor_inputs: Tuple[str, ...] = ("latents",),
         max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+        last_image: Optional[PipelineImageInput] = None,
+        video: Optional[Any] = None,
+        conditions: Optional[List[NanoI2VCondition]] = None,
     ):
         r"""
-        Generate videos from an image and a prompt.
+        Generate videos from an image and a prompt; or from a first and a last frame, keyframes, or the opening
+        frames of a clip to continue.
 
         Args:
             image (PIL image, `np.ndarray`, `torch.Tensor` or a list of them, *optional*): the first frame. Resized
                 to cover `(height, width)` and center-cropped; any PIL mode, uint8 / uint16 / float arrays and
                 tensors are accepted (transparency is composited on black, 16-bit is scaled to 8-bit; see
-                `nanoi2v_diffusers.image_inputs`). None gives text-to-video.
+                `nanoi2v_diffusers.image_inputs`). None (and no other condition) gives text-to-video.
             prompt (`str` or `List[str]`, *optional*): the motion to generate. None or "" gives no text
                 (unconditional generation when there is no image either; use `guidance_scale=1` then).
             negative_prompt (`str` or `List[str]`, *optional*): the text guidance steers away from; None = no text.
@@ -615,6 +661,11 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
                 to stop early.
             callback_on_step_end_tensor_inputs (`Tuple[str]`): which tensors the callback receives.
             max_sequence_length (`int`, defaults to 64): prompts are truncated to this many tokens.
+            last_image (*optional*): the last frame, like `image` (with `image`: first and last frame to video).
+            video (*optional*): the opening frames of a clip to continue (see `NanoI2VCondition.video`: its first
+                `1 + 4m` frames open the output, the rest is generated; `continue_video` chains continuations).
+            conditions (`List[NanoI2VCondition]`, *optional*): keyframes at other frames (0, 4, 8, ...), videos, and
+                a `strength` each. At most one condition per latent frame (4 pixel frames), all frames of one size.
 
         Examples:
 
@@ -623,17 +674,20 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        images = to_rgb_images(image) if image is not None else None
+        check_frame_count("`num_frames`", num_frames, self.vae_scale_factor_temporal)
+        known = self._gather_conditions(image, last_image, video, conditions, num_frames,
+                                        _prompt_batch_size(prompt, prompt_embeds))  # fmt: skip
+        images = [item[0] for condition in known for item in condition.frames] or None  # every video's first frame
         height, width = self._output_size(images, height, width)
-        self.check_inputs(
-            images, prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
+        self.check_inputs(  # the frame conditions were checked by _gather_conditions
+            prompt, negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale,
             image_guidance_scale, prompt_embeds, negative_prompt_embeds, latents, output_type,
             callback_on_step_end_tensor_inputs, num_videos_per_prompt, max_sequence_length, negative_guidance_scale,
         )
         if self.config.get("input_domain") == "shapes":
             self._warn_if_unlike_shapes(images, prompt, height, width, num_frames)
         self._guidance_scale = guidance_scale
-        self._image_guidance_scale = image_guidance_scale if images is not None else None
+        self._image_guidance_scale = image_guidance_scale if known else None
         self._negative_guidance_scale = negative_guidance_scale
         self._check_faster_cache_batch()
         self._attention_kwargs = attention_kwargs
@@ -643,8 +697,8 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         dtype = self.transformer.dtype
 
         # 1. Text
-        if prompt is None and prompt_embeds is None and images is not None:
-            prompt = [""] * len(images)
+        if prompt is None and prompt_embeds is None and known:
+            prompt = [""] * max(len(condition.frames) for condition in known)
         embeds, mask, null_embeds, null_mask = self.encode_prompt(
             prompt,
             negative_prompt,
@@ -660,22 +714,24 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         )
         batch_size = embeds.shape[0]
 
-        # 2. Noise and the image condition
+        # 2. Noise and the known frames: their latents (B, C, T, h, w), where they are (B, T), and until which step
         shape = self._latent_shape(batch_size, num_frames, height, width)
         latents = self.prepare_latents(shape, torch.float32, device, generator, latents)
-        image_latents = None
-        if images is not None:
-            image_latents = self.encode_image(images, height, width, batch_size, device, dtype)
-        condition = build_image_condition(
-            image_latents, shape[2], batch_size=batch_size, latent_channels=shape[1], spatial_shape=shape[3:],
-            dtype=dtype, device=device,
-        )
-        null_condition = torch.zeros_like(condition)
+        known_latents = torch.zeros(shape, dtype=dtype, device=device)
+        known_mask = torch.zeros(shape[0], shape[2], dtype=torch.bool, device=device)
+        strengths = torch.ones(shape[2], device=device)  # per latent frame
+        for condition in known:
+            frames = slice(condition.latent_index, condition.latent_index + condition.num_latent_frames)
+            known_latents[:, :, frames] = self.encode_frames(condition.frames, height, width, batch_size, device, dtype)
+            known_mask[:, frames] = True
+            strengths[frames] = condition.strength
 
         # 3. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device, mu=self._dynamic_shift_mu(shape))
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
+        # A condition of strength s is seen by the first ceil(s * steps) model calls, then dropped.
+        last_call = torch.ceil(strengths * len(timesteps))
 
         # 4. Denoise (the loop is solver-agnostic: a second-order scheduler lists its stages as timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar:
@@ -683,6 +739,8 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
                 if self.interrupt:
                     break
                 self._current_timestep = t
+                condition = build_condition(known_latents, known_mask & (i < last_call))
+                null_condition = torch.zeros_like(condition)
                 velocity = self._guided_velocity(
                     latents.to(dtype), t.expand(batch_size).to(dtype), condition, null_condition,
                     (embeds, mask), (null_embeds, null_mask),
@@ -699,10 +757,12 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
                     null_embeds = outputs.pop("negative_prompt_embeds", null_embeds)
                 progress_bar.update()
 
-        # 5. The first latent frame is the image's own latent: the causal VAE then decodes frame 0 as the
-        # VAE round trip of the input image, whatever the sampler did there.
-        if image_latents is not None:
-            latents[:, :, :1] = image_latents.to(latents.dtype)
+        # 5. Opening frames (the first frame, a video) are the clip's own latents: the causal VAE then decodes
+        # them as the VAE round trip of the given frames, whatever the sampler did there.
+        for condition in known:
+            if condition.is_prefix and condition.strength == 1.0:
+                frames = slice(0, condition.num_latent_frames)
+                latents[:, :, frames] = known_latents[:, :, frames].to(latents.dtype)
 
         self._current_timestep = None
         frames = latents if output_type == "latent" else self.decode_latents(latents, output_type)
@@ -711,6 +771,55 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             return (frames,)
         return NanoI2VPipelineOutput(frames=frames)
 
+    def continue_video(
+        self,
+        video,
+        prompt: Optional[str] = None,
+        num_frames_total: int = 33,
+        num_frames: int = 17,
+        context_frames: Optional[int] = None,
+        **kwargs,
+    ) -> np.ndarray:
+        r"""
+        Make one video longer than a clip by chaining continuations (`video=` calls): each call is given the last
+        `context_frames` frames so far and generates the rest of a `num_frames` clip, until the video has
+        `num_frames_total` frames.
+
+        Args:
+            video: the opening frames (as `NanoI2VCondition.video`, one video), kept as given in the result.
+            prompt (`str`, *optional*): the motion, for every call.
+            num_frames_total (`int`, defaults to 33): frames of the result (the last call may overshoot; cut).
+            num_frames (`int`, defaults to 17): frames of each call, `1 + 4k`.
+            context_frames (`int`, *optional*): frames each call continues from, `1 + 4m` below `num_frames`;
+                default about half a clip (9 of 17).
+            kwargs: passed to every call (`num_inference_steps`, `guidance_scale`, `generator`, ...).
+
+        Returns:
+            `np.ndarray` `(num_frames_total, H, W, C)` floats in [0, 1].
+        """
+        ratio = self.vae_scale_factor_temporal
+        check_frame_count("`num_frames`", num_frames, ratio)
+        context_frames = context_frames or 1 + ratio * ((num_frames - 1) // (2 * ratio))
+        if context_frames != continuation_frames(context_frames, ratio) or not 1 <= context_frames < num_frames:
+            raise ValueError(f"`context_frames` must be 1 + {ratio}m and below `num_frames` ({num_frames}); "
+                             f"got {context_frames}.")  # fmt: skip
+        frames = np.stack([np.asarray(frame, dtype=np.float32) / 255 for frame in _video_list(video, "video")[0]])
+        if not num_frames_total > len(frames):
+            raise ValueError(f"`num_frames_total` must exceed the video's {len(frames)} frames; "
+                             f"got {num_frames_total}.")  # fmt: skip
+        new_per_call = num_frames - context_frames
+        calls = math.ceil((num_frames_total - len(frames)) / new_per_call)
+        previous = dict(getattr(self, "_progress_bar_config", {}))
+        self.set_progress_bar_config(**{**previous, "disable": True})  # one bar over the calls, not one per call
+        try:
+            for _ in tqdm(range(calls), desc="Continuing the video", unit="call", disable=previous.get("disable")):
+                context = frames[-min(context_frames, continuation_frames(len(frames), ratio)):]
+                output = self(video=context, prompt=prompt, num_frames=num_frames, output_type="np", **kwargs)
+                frames = np.concatenate([frames, output.frames[0][len(context):]])
+        finally:
+            self.set_progress_bar_config(**previous)
+        return frames[:num_frames_total]
+
     def _warn_if_unlike_shapes(self, images, prompt, height: int, width: int, num_frames: int) -> None:
         """One warning when the input is clearly unlike the shapes clips the model was trained on."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
@@ -718,6 +827,67 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         if reasons:
             logger.warning(f"This model was trained on {SHAPES_DOMAIN}; this input is unlike that "
                            f"({'; '.join(reasons)}): expect a video of little sense.")  # fmt: skip
+
+    def _gather_conditions(
+        self, image, last_image, video, conditions, num_frames: int, num_prompts: Optional[int]
+    ) -> List[_KnownFrames]:
+        """Every frame condition of a call (`image`: frame 0, `video`: a clip to continue, `last_image`: the last
+        frame, then `conditions`), checked before any work: what it holds, where, its strength, one condition
+        per latent frame, one frame size, and one item or one per prompt."""
+        ratio = self.vae_scale_factor_temporal
+        given = [(name, NanoI2VCondition(**{field: value, "frame_index": index}))
+                 for name, field, value, index in (("image", "image", image, 0), ("video", "video", video, 0),
+                                                   ("last_image", "image", last_image, -1)) if value is not None]
+        if conditions is not None:
+            items = [conditions] if isinstance(conditions, NanoI2VCondition) else conditions
+            if not isinstance(items, (list, tuple)) or not all(isinstance(c, NanoI2VCondition) for c in items):
+                raise ValueError(f"`conditions` must be a list of NanoI2VCondition; got {conditions!r:.80}.")
+            given += [(f"conditions[{i}]", condition) for i, condition in enumerate(items)]
+        known, owners = [], {}
+        for name, condition in given:
+            if (condition.image is None) == (condition.video is None):
+                raise ValueError(f"`{name}` needs an image or a video (exactly one of them).")
+            strength = condition.strength
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+                raise ValueError(f"`{name}` strength must be in (0, 1]; got {strength!r}.")
+            if condition.image is not None:
+                index = keyframe_latent_index(condition.frame_index, num_frames, ratio, name=f"`{name}` frame_index")
+                frames, count = [[frame] for frame in to_rgb_images(condition.image)], 1
+            else:
+                if condition.frame_index != 0:
+                    raise ValueError(f"`{name}` is a video, which starts at frame 0 (the clip it continues); "
+                                     f"got frame_index {condition.frame_index}.")  # fmt: skip
+                videos = _video_list(condition.video, name)
+                length = len(videos[0])
+                if any(len(v) != length for v in videos):
+                    raise ValueError(f"`{name}` holds videos of {sorted({len(v) for v in videos})} frames: "
+                                     "give them one length.")  # fmt: skip
+                if length > num_frames:
+                    raise ValueError(f"`{name}` has {length} frames, more than `num_frames` ({num_frames}).")
+                keep = continuation_frames(length, ratio)
+                if keep < length:
+                    logger.warning(f"`{name}`: continuing from its first {keep} of {length} frames (1 + {ratio}m "
+                                   "frames encode to whole latent frames).")  # fmt: skip
+                frames, index, count = [v[:keep] for v in videos], 0, 1 + (keep - 1) // ratio
+            if num_prompts is not None and len(frames) not in (1, num_prompts):
+                kind = "images" if condition.image is not None else "videos"
+                raise ValueError(f"`{name}`: {len(frames)} {kind} for {num_prompts} prompts: pass one, or one "
+                                 "per prompt.")  # fmt: skip
+            for latent in range(index, index + count):
+                if latent in owners:
+                    pixels = "frame 0" if latent == 0 else f"frames {ratio * (latent - 1) + 1}-{ratio * latent}"
+                    raise ValueError(f"`{owners[latent]}` and `{name}` both condition latent frame {latent} (pixel "
+                                     f"{pixels}): one condition per latent frame.")  # fmt: skip
+                owners[latent] = name
+            known.append(_KnownFrames(name, frames, index, count, float(strength)))
+        sizes = {}
+        for condition in known:
+            for frame in (frame for item in condition.frames for frame in item):
+                sizes.setdefault((frame.height, frame.width), condition.name)
+        if len(sizes) > 1:
+            described = ", ".join(f"`{name}` {h}x{w}" for (h, w), name in sizes.items())
+            raise ValueError(f"Condition frames differ in size ({described}): pass frames of one size.")
+        return known
 
     def _output_size(self, images: Optional[List[PIL.Image.Image]], height, width) -> Tuple[int, int]:
         """`height` and `width` as given; each one left None is the first image's, rounded to the nearest valid
@@ -776,14 +946,22 @@ def _pad_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((x.shape[0], missing, *x.shape[2:]))], dim=1)
 
 
-def _num_images(image) -> int:
-    if isinstance(image, list):
-        return len(image)
-    if isinstance(image, torch.Tensor) and image.ndim == 4:
-        return image.shape[0]
-    if isinstance(image, np.ndarray) and image.ndim == 4:
-        return image.shape[0]
-    return 1
+def _video_list(video, name: str) -> List[List[PIL.Image.Image]]:
+    """A video condition as a list of videos (each a list of RGB frames): one video (a list of images, an
+    `(F, H, W, C)` array, an `(F, C, H, W)` tensor) or several (a list of those, or a 5-D array or tensor)."""
+    if isinstance(video, (np.ndarray, torch.Tensor)) and video.ndim == 5:
+        videos = list(video)
+    elif isinstance(video, (list, tuple)) and video and all(
+        isinstance(item, (list, tuple)) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 4)
+        for item in video
+    ):
+        videos = list(video)
+    else:
+        videos = [video]
+    try:
+        return [to_rgb_images(list(v) if isinstance(v, tuple) else v) for v in videos]
+    except ValueError as error:
+        raise ValueError(f"`{name}`: {error}") from None
 
 
 def _prompt_batch_size(prompt, prompt_embeds) -> Optional[int]:

@@ -20,6 +20,7 @@ import bench_models  # noqa: E402
 import bench_pipeline  # noqa: E402
 import bench_train_gpu  # noqa: E402
 import bench_vae_memory  # noqa: E402
+import keyframe_placement  # noqa: E402
 from nanoi2v_diffusers.text_encoders import load_text_encoder, save_tiny_random_text_encoder  # noqa: E402
 
 MIB = 2**20
@@ -316,3 +317,19 @@ def test_model_flops_split_video_and_text_parameters():
     with_more_text = bench_train_gpu.model_flops_per_step(model, batch, grid, text_tokens + 1)
     attention_per_text_token = 12 * model.config.num_layers * 128 * batch * 8  # width 4 x 32, 8 video tokens
     assert with_more_text - flops == pytest.approx(6 * batch * text_params + attention_per_text_token)
+
+
+# --------------------------------------------------------------------------------------------------
+# keyframe_placement
+# --------------------------------------------------------------------------------------------------
+
+
+def test_keyframe_placement_prints_each_candidate_below_the_clips_own_latent(capsys):
+    keyframe_placement.main(["--num_clips", "2", "--threads", "1", "--vae",
+                             str(BENCHMARKS.parent / "examples" / "nanoi2v-shapes-64" / "vae")])  # fmt: skip
+    table = _table_lines(capsys.readouterr().out, "candidate")
+    rows = {line.split(" | ")[0].strip("| "): [float(cell) for cell in line.strip("| ").split(" | ")[1:]]
+            for line in table[2:]}  # fmt: skip
+    assert len(rows) == 5 and all(len(values) == 4 for values in rows.values())  # frames 4, 8, 12, 16
+    ceiling = rows.pop("the clip's own latent (ceiling)")
+    assert all(c > value + 5 for values in rows.values() for c, value in zip(ceiling, values))

@@ -121,7 +121,7 @@ def test_bad_sizes_counts_and_scales_raise(pipe, overrides, message):
         ({"prompt": []}, "`prompt` must be a str or a non-empty list of str"),
         ({"negative_prompt": 7}, "`negative_prompt` must be a str or a non-empty list of str"),
         ({"prompt": [PROMPT, PROMPT], "negative_prompt": ["blurry"]}, "negative_prompt has 1 entries but prompt has 2"),
-        ({"image": [solid(RED), solid(BLUE)], "prompt": PROMPT}, "Got 2 images for 1 prompts"),
+        ({"image": [solid(RED), solid(BLUE)], "prompt": PROMPT}, "`image`: 2 images for 1 prompts"),
         ({"image": "first_frame.png"}, "`image` must be a PIL image, a numpy array, a torch tensor"),
         ({"image": []}, "`image` is empty"),
     ],

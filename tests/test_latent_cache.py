@@ -41,6 +41,7 @@ def _random_batches(num_batches: int, batch_size: int, seed: int = 0):
         batches.append({
             "posterior_mean": torch.randn(batch_size, *LATENT_SHAPE, generator=generator),
             "posterior_std": torch.rand(batch_size, *LATENT_SHAPE, generator=generator),
+            "keyframe_mean": torch.randn(batch_size, *LATENT_SHAPE, generator=generator),
             "prompt_embeds": torch.randn(batch_size, *TEXT_SHAPE, generator=generator),
             "prompt_attention_mask": mask,
             "caption": [f"clip {index * batch_size + row}" for row in range(batch_size)],
@@ -58,7 +59,7 @@ def test_cache_round_trips_exactly_in_shards(tmp_path):
     assert isinstance(table.features["posterior_mean"], datasets.Array4D)
     assert isinstance(table.features["prompt_embeds"], datasets.Array2D)
     loaded = collate_cache_rows([table[index] for index in range(len(table))])
-    for name in ("posterior_mean", "posterior_std", "prompt_embeds", "prompt_attention_mask"):
+    for name in ("posterior_mean", "posterior_std", "keyframe_mean", "prompt_embeds", "prompt_attention_mask"):
         expected = torch.cat([batch[name] for batch in batches])
         assert loaded[name].dtype == expected.dtype
         assert torch.equal(loaded[name], expected), name
@@ -195,3 +196,11 @@ def test_encode_clips_gives_the_vae_posterior_and_padded_text(tmp_path):
     assert encoded["prompt_embeds"].shape == (2, 12, 32)
     assert encoded["prompt_attention_mask"][0].sum() > 0
     assert encoded["prompt_attention_mask"][1].sum() == 0  # an empty caption is "no text"
+    # Keyframes: latent frame k's last pixel frame (4k) encoded alone, as the pipeline encodes a keyframe;
+    # frame 0 is the clip's own first latent frame (the VAE is causal).
+    with torch.no_grad():
+        last_alone = vae.encode(pixels[:, :, 4:5]).latent_dist.mean  # (B, C, 1, h, w)
+    torch.testing.assert_close(encoded["keyframe_mean"][:, :, 1:], last_alone)
+    torch.testing.assert_close(encoded["keyframe_mean"][:, :, :1], posterior.mean[:, :, :1])
+    assert not torch.allclose(encoded["keyframe_mean"][:, :, 1:], posterior.mean[:, :, 1:])
+    assert "keyframe_mean" not in encode_clips(vae, text_encoder, tokenizer, pixels, captions, 12, keyframes=False)

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard
 from nanoi2v_diffusers import (
     AutoencoderKLNanoI2V,
     NanoI2VFlowMatchScheduler,
+    NanoI2VCondition,
     NanoI2VPipeline,
     NanoI2VPipelineOutput,
     NanoI2VTransformer3DModel,
@@ -428,6 +429,141 @@ class TestNanoI2VPipeline:
         finally:
             torch._dynamo.reset()
         torch.testing.assert_close(compiled, reference)
+
+    # ------------------------------------------------------------------ conditioning tasks
+
+    def _clip(self, frames=9):
+        return generate_shapes_clip(seed=2, config=ShapesConfig(canvas_size=SIZE, num_frames=frames))
+
+    def _task_call(self, pipe, steps=2, **inputs):
+        """Run a 9-frame call (3 latent frames); the transformer's calls are recorded."""
+        recorder = CallRecorder(pipe.transformer)
+        call = {"image": None, "num_frames": 9, "num_inference_steps": steps, "output_type": "latent", **inputs}
+        latents = pipe(**self.get_dummy_inputs(**call)).frames
+        return latents, recorder.calls
+
+    def _one_frame_latent(self, pipe, frame):
+        return pipe.encode_image(PIL.Image.fromarray(frame), SIZE, SIZE, 1, "cpu", torch.float32)[:, :, 0]
+
+    def test_first_and_last_frame_condition_latent_frames_0_and_the_last(self):
+        pipe, clip = self.get_pipe(), self._clip()
+        latents, calls = self._task_call(pipe, image=clip.video[0], last_image=clip.video[-1])
+        condition = calls[0]["condition"]  # (2, C + 1, 3, h, w): [no text, text], both with the frames
+        channels = condition.shape[1] - 1
+        assert condition[:, channels, :, 0, 0].tolist() == [[1, 0, 1]] * 2  # the mask
+        last = self._one_frame_latent(pipe, clip.video[-1])  # the last frame encoded alone, as in training
+        torch.testing.assert_close(condition[:, :channels, 2], last.expand(2, -1, -1, -1))
+        first = self._one_frame_latent(pipe, clip.video[0])
+        torch.testing.assert_close(condition[:, :channels, 0], first.expand(2, -1, -1, -1))
+        assert not condition[:, :, 1].any()
+        # The first frame's latent is put back at the end (the VAE is causal); the last frame's is not (a keyframe
+        # encoded alone is not the clip's own last latent frame).
+        torch.testing.assert_close(latents[:, :, 0], self._one_frame_latent(pipe, clip.video[0]))
+        assert not torch.allclose(latents[:, :, 2], last)
+        # With image=None the last frame alone.
+        _, calls = self._task_call(pipe, last_image=clip.video[-1])
+        assert calls[0]["condition"][:, channels, :, 0, 0].tolist() == [[0, 0, 1]] * 2
+
+    def test_a_keyframe_goes_to_its_latent_frame_and_negative_indices_count_from_the_end(self):
+        pipe, clip = self.get_pipe(), self._clip()
+        for index in (4, -5):
+            _, calls = self._task_call(pipe, conditions=[NanoI2VCondition(image=clip.video[4], frame_index=index)])
+            condition = calls[0]["condition"]
+            assert condition[:, -1, :, 0, 0].tolist() == [[0, 1, 0]] * 2
+            torch.testing.assert_close(condition[:1, :-1, 1], self._one_frame_latent(pipe, clip.video[4]))
+
+    def test_a_video_opens_the_output_with_its_own_latents(self):
+        pipe, clip = self.get_pipe(), self._clip()
+        with self.assert_logs_warning("continuing from its first 5 of 7 frames"):
+            latents, calls = self._task_call(pipe, video=clip.video[:7])
+        opening = pipe.encode_frames([[PIL.Image.fromarray(f) for f in clip.video[:5]]], SIZE, SIZE, 1, "cpu",
+                                     torch.float32)  # (1, C, 2, h, w): the clip's first 2 latent frames  # fmt: skip
+        assert calls[0]["condition"][:, -1, :, 0, 0].tolist() == [[1, 1, 0]] * 2
+        torch.testing.assert_close(latents[:, :, :2], opening)  # exactly the given frames' latents, put back
+        # The same video as a batch of one, and as a tensor (F, C, H, W): the same output.
+        tensor = torch.from_numpy(clip.video[:5]).permute(0, 3, 1, 2)
+        for video in ([clip.video[:5]], tensor):
+            again, _ = self._task_call(pipe, video=video)
+            torch.testing.assert_close(again, latents)
+
+    def test_strength_drops_a_condition_after_its_share_of_the_steps(self):
+        pipe, clip = self.get_pipe(), self._clip()
+        conditions = [NanoI2VCondition(image=clip.video[0], strength=0.5),
+                      NanoI2VCondition(image=clip.video[8], frame_index=8)]
+        latents, calls = self._task_call(pipe, steps=4, conditions=conditions)
+        masks = [call["condition"][0, -1, :, 0, 0].tolist() for call in calls]
+        assert masks == [[1, 0, 1], [1, 0, 1], [0, 0, 1], [0, 0, 1]]  # ceil(0.5 * 4) = 2 calls see frame 0
+        assert not torch.allclose(latents[:, :, 0], self._one_frame_latent(pipe, clip.video[0]))  # not put back
+
+    def test_per_prompt_frames_and_a_shared_one(self):
+        pipe, clips = self.get_pipe(), [self._clip(), generate_shapes_clip(seed=3, config=ShapesConfig(
+            canvas_size=SIZE, num_frames=9))]  # fmt: skip
+        _, calls = self._task_call(pipe, prompt=[PROMPT, PROMPT], image=[clip.video[0] for clip in clips],
+                                   last_image=clips[0].video[-1])  # fmt: skip
+        condition = calls[0]["condition"]  # (4, ...): [no text x 2, text x 2]
+        assert not torch.allclose(condition[2, :-1, 0], condition[3, :-1, 0])  # each prompt its first frame
+        torch.testing.assert_close(condition[2, :-1, 2], condition[3, :-1, 2])  # one last frame for both
+
+    @pytest.mark.parametrize("inputs, message", [
+        (lambda c: {"conditions": [NanoI2VCondition(image=c.video[0], frame_index=3)]},
+         r"`conditions\[0\]` frame_index 3 \(pixel frame 3\) falls inside a latent frame.*nearest: 0 or 4"),
+        (lambda c: {"last_image": c.video[0], "conditions": [NanoI2VCondition(image=c.video[0], frame_index=9)]},
+         r"frame_index must be in \[-9, 8\]"),
+        (lambda c: {"image": c.video[0], "last_image": c.video[1], "conditions": [NanoI2VCondition(image=c.video[1],
+                    frame_index=-1)]}, r"`last_image` and `conditions\[0\]` both condition latent frame 2 \(pixel "
+                                       r"frames 5-8\)"),
+        (lambda c: {"video": c.video[:5], "conditions": [NanoI2VCondition(image=c.video[4], frame_index=4)]},
+         r"`video` and `conditions\[0\]` both condition latent frame 1"),
+        (lambda c: {"video": np.concatenate([c.video, c.video])},
+         r"`video` has 18 frames, more than `num_frames` \(9\)"),
+        (lambda c: {"image": c.video[0], "last_image": np.zeros((64, 64, 3), np.uint8)},
+         r"Condition frames differ in size \(`image` 32x32, `last_image` 64x64\)"),
+        (lambda c: {"conditions": [NanoI2VCondition(image=c.video[0], strength=1.5)]}, r"strength must be in \(0, 1\]"),
+        (lambda c: {"conditions": [NanoI2VCondition(video=c.video[:5], frame_index=4)]},
+         "a video, which starts at frame 0"),
+        (lambda c: {"conditions": [NanoI2VCondition()]}, "needs an image or a video"),
+        (lambda c: {"conditions": [c.video[0]]}, "must be a list of NanoI2VCondition"),
+        (lambda c: {"prompt": [PROMPT] * 3, "last_image": [c.video[0]] * 2}, r"`last_image`: 2 images for 3 prompts"),
+    ])  # fmt: skip
+    def test_bad_conditions_are_refused_before_any_work(self, inputs, message):
+        pipe, clip = self.get_pipe(), self._clip()
+        recorder = CallRecorder(pipe.transformer)
+        with pytest.raises(ValueError, match=message):
+            self._task_call(pipe, **inputs(clip))
+        assert not recorder.calls
+
+    def test_continue_video_chains_calls_and_keeps_the_given_frames(self):
+        pipe, clip = self.get_pipe(), self._clip()
+        calls = CallRecorder(pipe.transformer).calls
+        video = pipe.continue_video(clip.video[:5], prompt=PROMPT, num_frames_total=20, num_frames=9,
+                                    num_inference_steps=1, generator=torch.Generator().manual_seed(0))  # fmt: skip
+        assert video.shape == (20, SIZE, SIZE, 3) and video.dtype == np.float32
+        np.testing.assert_array_equal(video[:5], clip.video[:5] / np.float32(255))  # as given
+        assert len(calls) == 4  # 15 more frames, 4 new per call (5 given of 9)
+        with pytest.raises(ValueError, match="`context_frames` must be 1 \\+ 4m and below `num_frames` \\(9\\); got 7"):
+            pipe.continue_video(clip.video[:5], num_frames_total=20, num_frames=9, context_frames=7)
+        with pytest.raises(ValueError, match="must exceed the video's 5 frames"):
+            pipe.continue_video(clip.video[:5], num_frames_total=5, num_frames=9)
+
+    @staticmethod
+    def assert_logs_warning(text):
+        import contextlib
+        import logging
+
+        @contextlib.contextmanager
+        def check():
+            records = []
+            handler = logging.Handler()
+            handler.emit = records.append
+            logger = logging.getLogger("nanoi2v_diffusers.pipelines.pipeline_nanoi2v")
+            logger.addHandler(handler)
+            try:
+                yield
+            finally:
+                logger.removeHandler(handler)
+            assert any(text in record.getMessage() for record in records), [r.getMessage() for r in records]
+
+        return check()
 
     # ------------------------------------------------------------------ callbacks
 

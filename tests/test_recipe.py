@@ -37,9 +37,9 @@ def _phases(path: Path, tmp_path: Path, device: str = "cpu", **kwargs) -> dict:
 
 def test_the_built_in_recipe_chains_its_phases(tmp_path):
     phases = _phases(BUILT_IN, tmp_path)
-    assert list(phases) == ["vae-images", "vae-clips", "vae-decoder", "latents", "dit"]
+    assert list(phases) == ["vae-images", "vae-clips", "vae-decoder", "latents", "dit", "dit-tasks"]
     configs = {name: phase.config() for name, phase in phases.items()}
-    images, clips, decoder, latents, dit = configs.values()
+    images, clips, decoder, latents, dit, tasks = configs.values()
     assert images.num_frames == 1 and images.pretrained_vae is None
     assert clips.pretrained_vae == str(tmp_path / "vae-images") and clips.num_frames == 17
     assert decoder.pretrained_vae == str(tmp_path / "vae-clips") and decoder.train_decoder_only
@@ -50,13 +50,18 @@ def test_the_built_in_recipe_chains_its_phases(tmp_path):
     assert all(getattr(dit, key) == getattr(latents, key) for key in data_keys)
     assert dit.pretrained_vae == str(tmp_path / "vae-decoder") and dit.pretrained_transformer is None
     assert dit.text_clause_separator == CAPTION_CLAUSE_SEPARATOR and dit.use_ema
+    assert dit.conditioning_tasks == {"first_frame": 1.0}
+    # Then every conditioning task, from the DiT's pipeline, on the same cache (it holds the keyframe latents).
+    assert tasks.pretrained_transformer == str(tmp_path / "dit") and tasks.cache_dir == latents.cache_dir
+    assert set(tasks.conditioning_tasks) == {"first_frame", "first_last", "last_frame", "keyframes", "continuation"}
+    assert all(getattr(tasks, key) == getattr(latents, key) for key in data_keys)
     assert {config.resolution for config in configs.values()} == {64}
 
 
 def test_on_cuda_the_recipe_trains_larger_batches_in_bf16_on_as_many_samples(tmp_path):
     cpu = {name: phase.settings for name, phase in _phases(BUILT_IN, tmp_path / "cpu").items()}
     cuda = {name: phase.settings for name, phase in _phases(BUILT_IN, tmp_path / "cuda", device="cuda").items()}
-    for name in ("vae-images", "vae-clips", "vae-decoder", "dit"):
+    for name in ("vae-images", "vae-clips", "vae-decoder", "dit", "dit-tasks"):
         factor = cuda[name]["train_batch_size"] // cpu[name]["train_batch_size"]
         assert factor == (16 if name == "vae-decoder" else 4), name
         assert cuda[name]["max_train_steps"] == -(-cpu[name]["max_train_steps"] // factor), name
@@ -119,7 +124,8 @@ def test_a_recipe_killed_in_a_phase_continues_where_it_stopped_to_the_same_weigh
     bert = write_tiny_bert(tmp_path / "bert")
     reference = _run_tiny_in_process(tmp_path / "reference", bert)
     assert (reference / "model_index.json").is_file()
-    assert sorted(path.name for path in reference.parent.iterdir() if path.is_dir()) == ["dit", "latents", "vae"]
+    phases = sorted(path.name for path in reference.parent.iterdir() if path.is_dir())
+    assert phases == ["dit", "dit-tasks", "latents", "vae"]
 
     # One command, its phases in processes of their own; killed (all of them) once the VAE phase saved a checkpoint.
     out = tmp_path / "killed"

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from nanoi2v_diffusers.data import (
     STILL,
@@ -24,6 +25,7 @@ from nanoi2v_diffusers.evaluation.shapes_metrics import (
     direction_accuracy,
     evaluate_pipeline,
     ground_truth_tracks,
+    task_known_frames,
     paired_differences,
     predict_directions,
     score_video,
@@ -36,7 +38,8 @@ from nanoi2v_diffusers.evaluation.shapes_metrics import (
     text_swap_score,
     track_objects,
 )
-from nanoi2v_diffusers.evaluation.report import json_safe
+from nanoi2v_diffusers.evaluation.metrics import psnr
+from nanoi2v_diffusers.evaluation.report import format_table, json_safe
 from nanoi2v_diffusers.schedulers import NanoI2VFlowMatchScheduler
 
 CONFIG = ShapesConfig()  # the evaluation's setting: 64 x 64, 17 frames
@@ -407,3 +410,82 @@ def test_compare_script_reads_two_evaluation_files(tmp_path, monkeypatch):
     assert "| text-swap score | 1.000 | 0.000 | -1.000 +- 0.000 |" in table
     assert "| first-frame PSNR (dB) | inf | inf | n/a |" in table
     assert "Frechet" not in table
+
+
+# ------------------------------------------------------------------------------------------- tasks
+
+
+def test_each_task_gives_its_frames():
+    assert task_known_frames("i2v", 17) == (0,)
+    assert task_known_frames("flf2v", 17) == (0, 16)
+    assert task_known_frames("keyframes", 17) == (0, 8)
+    assert task_known_frames("continue", 17) == tuple(range(9))
+    assert task_known_frames("keyframes", 33) == (0, 16) and task_known_frames("continue", 33) == tuple(range(17))
+    with pytest.raises(ValueError, match="task must be one of"):
+        task_known_frames("middle", 17)
+
+
+class TaskFakePipeline:
+    """Answers any task's call with the true clip (found by caption and the first given frame), or its first
+    frame frozen; records what each call was given."""
+
+    def __init__(self, clips, static=False):
+        self.videos = {(clip.caption, clip.video[0].tobytes()): clip.video for clip in clips}
+        self.static, self.calls = static, []
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, prompt, num_frames, num_inference_steps, guidance_scale, generator, output_type, image=None,
+                 last_image=None, video=None, conditions=None):  # fmt: skip
+        self.calls.append(dict(image=image, last_image=last_image, video=video, conditions=conditions))
+        firsts = [np.asarray(item[0]) for item in video] if video is not None else [np.asarray(i) for i in image]
+        videos = [self.videos[(caption, first.tobytes())] for caption, first in zip(prompt, firsts)]
+        videos = [static_baseline_of(v) if self.static else v for v in videos]
+        return types.SimpleNamespace(frames=np.stack(videos).astype(np.float32) / 255.0)
+
+
+@pytest.mark.parametrize("task", ["flf2v", "keyframes", "continue"])
+def test_a_perfect_model_gets_each_tasks_metrics_right_and_is_given_the_tasks_frames(task):
+    clips = validation_clips(4)[:4]
+    pipe = TaskFakePipeline(clips)
+    results = evaluate_pipeline(pipe, num_scenes=4, batch_size=2, task=task, progress=False)
+    model, truth = results["model"], results["ground_truth"]
+    assert "text_swap" not in model and results["settings"]["task"] == task  # given frames already tell the motion
+    assert model["direction_accuracy"] == 1.0 == truth["direction_accuracy"]
+    if task == "continue":
+        assert model["continuation_direction_accuracy"] == 1.0 and model["seam_psnr"] == float("inf")
+        assert np.isnan(model["keyframe_psnr"]) and np.isnan(model["between_centroid_error_px"])
+        given = [video for call in pipe.calls for video in call["video"]]
+        assert all(np.array_equal(video, clip.video[:9]) for video, clip in zip(given, clips))
+    else:
+        assert model["keyframe_psnr"] == float("inf") and model["between_centroid_error_px"] == pytest.approx(0.0)
+        assert np.isnan(model["continuation_direction_accuracy"])
+        index = 16 if task == "flf2v" else 8
+        if task == "flf2v":
+            given = [image for call in pipe.calls for image in call["last_image"]]
+        else:
+            assert all(call["conditions"][0].frame_index == 8 for call in pipe.calls)
+            given = [image for call in pipe.calls for image in call["conditions"][0].image]
+        assert all(np.array_equal(np.asarray(image), clip.video[index]) for image, clip in zip(given, clips))
+    table = format_table(results)
+    assert ("direction accuracy of the generated part" in table) == (task == "continue")
+    assert ("between the keyframes" in table) == (task != "continue")
+
+
+def test_task_metrics_of_a_frozen_first_frame_are_known():
+    clip = next(c for c in validation_clips(8)[:8] if any(obj.direction != STILL for obj in c.objects))
+    frozen = static_baseline(clip)
+    as_image = lambda frame: torch.from_numpy(frame.astype(np.float32) / 255).permute(2, 0, 1)[None]  # noqa: E731
+    score = score_video(frozen, clip, "flf2v")
+    expected = float(psnr(as_image(clip.video[0]), as_image(clip.video[16]))[0])
+    assert score.keyframe_psnr == pytest.approx(expected, rel=1e-5)
+    truth, tracks = ground_truth_tracks(clip), track_objects(frozen, clip)
+    between = ~truth.overlapped & ~np.isnan(tracks).any(-1)
+    between[:, [0, 16]] = False
+    distances = np.linalg.norm(tracks - truth.centroids, axis=-1)[between]
+    assert score.between_centroid_error_px == pytest.approx(distances.mean())
+    score = score_video(frozen, clip, "continue")
+    assert score.seam_psnr == pytest.approx(float(psnr(as_image(clip.video[0]), as_image(clip.video[9]))[0]), rel=1e-5)
+    assert score.continuation_direction_accuracy < 1.0  # something moves, the frozen video does not
+    assert np.isnan(score_video(frozen, clip).keyframe_psnr)  # not a metric of image-to-video

@@ -127,9 +127,13 @@ def test_resumed_run_continues_with_exactly_the_same_losses(tmp_path, assets, lo
         assert torch.equal(value, saved_weights(resumed)[name]), name
 
 
-def test_training_from_the_cache_matches_training_on_the_fly(tmp_path, assets):
+@pytest.mark.parametrize("tasks", ["{first_frame: 1}", "{first_last: 1, last_frame: 1, keyframes: 1, continuation: 1}"],
+                         ids=["first-frame", "every-task"])
+def test_training_from_the_cache_matches_training_on_the_fly(tmp_path, assets, tasks):
+    """The cache holds the keyframe latents, so every conditioning task trains from it as it does on the fly."""
     cache = tmp_path / "cache"
-    limit = ("--max_train_samples", "4", "--max_train_steps", "3", "--validation_steps", "100")
+    limit = ("--max_train_samples", "4", "--max_train_steps", "3", "--validation_steps", "100",
+             "--conditioning_tasks", tasks)  # fmt: skip
     precompute_latents.main(_argv(tmp_path / "unused", assets, "--cache_dir", str(cache), *limit))
     assert LatentCacheInfo.load(cache).num_clips == 4
 
@@ -330,6 +334,41 @@ def test_flow_matching_inputs_follow_the_conditioning_layout(assets):
     kwargs, _, _ = train_dit.flow_matching_inputs(encoded, vae, scheduler, dropped, torch.manual_seed(0))
     assert (kwargs["condition"] == 0).all()
     assert (kwargs["encoder_attention_mask"] == 0).all() and (kwargs["encoder_hidden_states"] == 0).all()
+
+
+@pytest.mark.parametrize("task", ["first_frame", "first_last", "last_frame", "keyframes", "continuation"])
+def test_each_conditioning_task_conditions_on_its_frames(assets, task):
+    """The clip's own latents where frames open the clip (frame 0, a continuation), the one-frame keyframe latents
+    elsewhere (the last frame, keyframes), flagged by the mask channel; nothing else is seen."""
+    vae = AutoencoderKLNanoI2V.from_pretrained(assets["vae"])
+    config = DiTTrainingConfig(image_dropout=0.0, text_dropout=0.0, condition_noise_std=0.0,
+                               conditioning_tasks={task: 1.0})  # fmt: skip
+    scheduler = train_dit.build_noise_scheduler(config)
+    mean = torch.randn(16, 4, 5, 4, 4)
+    keyframes = torch.cat([mean[:, :, :1], torch.randn(16, 4, 4, 4, 4)], dim=2)  # frame 0: the clip's own
+    encoded = {**_encoded(mean, text_tokens=8), "keyframe_mean": keyframes}
+    kwargs, _, _ = train_dit.flow_matching_inputs(encoded, vae, scheduler, config, torch.manual_seed(0))
+    condition, known = kwargs["condition"], (kwargs["condition"][:, 4, :, 0, 0] == 1)  # (B, T)
+    assert known.any(1).all()
+    for row in range(16):
+        for frame in range(5):
+            latents = condition[row, :4, frame]
+            if not known[row, frame]:
+                assert not latents.any() and not condition[row, 4, frame].any()
+            elif frame == 0 or task in ("first_frame", "continuation"):  # the clip's own latents
+                torch.testing.assert_close(latents, vae.normalize_latents(mean)[row, :, frame])
+            else:  # a keyframe encoded alone
+                torch.testing.assert_close(latents, vae.normalize_latents(keyframes)[row, :, frame])
+    if task in ("first_last", "last_frame"):
+        assert known[:, -1].all() and known[:, 0].all() == (task == "first_last")
+    if task == "continuation":
+        assert torch.equal(known, torch.arange(5)[None] < known.sum(1, keepdim=True))  # the opening frames
+    without_keyframes = _encoded(mean, text_tokens=8)
+    if task in ("first_frame", "continuation"):  # the clip's own latents suffice
+        train_dit.flow_matching_inputs(without_keyframes, vae, scheduler, config, torch.manual_seed(0))
+    else:
+        with pytest.raises(ValueError, match="no keyframe_mean"):
+            train_dit.flow_matching_inputs(without_keyframes, vae, scheduler, config, torch.manual_seed(0))
 
 
 def test_dropouts_are_independent_and_near_their_rates(assets):

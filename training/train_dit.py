@@ -14,7 +14,7 @@ only a LoRA adapter on the pretrained pipeline's transformer trains, and the run
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -25,7 +25,12 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from nanoi2v_diffusers import hub_utils
-from nanoi2v_diffusers.conditioning import build_image_condition, drop_image_condition, num_condition_channels
+from nanoi2v_diffusers.conditioning import (
+    build_condition,
+    check_task_weights,
+    num_condition_channels,
+    sample_condition_masks,
+)
 from nanoi2v_diffusers.contact_sheet import make_contact_sheet
 from nanoi2v_diffusers.data import collate_videos, tensor_to_frames, write_side_by_side
 from nanoi2v_diffusers.data.latent_cache import (
@@ -94,9 +99,12 @@ class DiTTrainingConfig(TrainingConfig):
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    image_dropout: float = 0.1
+    image_dropout: float = 0.1  # the share of clips with no frame known (text-to-video)
+    # The others draw what they are conditioned on with these weights (conditioning.CONDITIONING_TASKS: first_frame,
+    # first_last, last_frame, keyframes, continuation); text dropout is independent of it.
+    conditioning_tasks: Dict[str, float] = field(default_factory=lambda: {"first_frame": 1.0})
     text_dropout: float = 0.1
-    condition_noise_std: float = 0.02  # per clip, the image latent gets noise of std U(0, this)
+    condition_noise_std: float = 0.02  # per clip, the known latent frames get noise of std U(0, this)
     # Data. With cache_dir the clips come from training/precompute_latents.py's cache.
     cache_dir: Optional[str] = None
     max_train_samples: Optional[int] = None  # use the first N training clips (the clips a cache holds)
@@ -119,6 +127,9 @@ class DiTTrainingConfig(TrainingConfig):
         super().__post_init__()
         if isinstance(self.transformer_overrides, str):  # from the command line: a YAML/JSON mapping
             self.transformer_overrides = yaml.safe_load(self.transformer_overrides)
+        if isinstance(self.conditioning_tasks, str):  # from the command line: a YAML/JSON mapping
+            self.conditioning_tasks = yaml.safe_load(self.conditioning_tasks)
+        self.conditioning_tasks = check_task_weights(self.conditioning_tasks)
         if self.transformer_overrides is not None and not isinstance(self.transformer_overrides, dict):
             raise ValueError(f"transformer_overrides must be a mapping; got {self.transformer_overrides!r}.")
         if self.pretrained_transformer is None and self.transformer_preset not in TRANSFORMER_PRESETS:
@@ -295,12 +306,17 @@ def drop_text(embeds: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> T
     return embeds * keep.to(embeds.dtype)[:, None, None], mask * keep.to(mask.dtype)[:, None]
 
 
-def noisy_image_latents(image_latents: torch.Tensor, max_std: float, generator: torch.Generator) -> torch.Tensor:
+def noisy_condition_latents(latents: torch.Tensor, max_std: float, generator: torch.Generator) -> torch.Tensor:
     """Add Gaussian noise of a per-clip std drawn from U(0, max_std): the model then tolerates small
-    differences between training and inference image latents."""
-    stds = _uniform(image_latents.shape[0], generator, image_latents.device) * max_std
-    noise = torch.randn(image_latents.shape, generator=generator).to(image_latents.device, image_latents.dtype)
-    return image_latents + stds.view(-1, 1, 1, 1, 1) * noise
+    differences between training and inference condition latents."""
+    stds = _uniform(latents.shape[0], generator, latents.device) * max_std
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    return latents + stds.view(-1, 1, 1, 1, 1) * noise
+
+
+def needs_keyframes(config: DiTTrainingConfig) -> bool:
+    """Whether the run's tasks condition on keyframes (one-frame latents beyond frame 0)."""
+    return any(config.conditioning_tasks.get(task, 0) > 0 for task in ("first_last", "last_frame", "keyframes"))
 
 
 def flow_matching_inputs(
@@ -312,21 +328,30 @@ def flow_matching_inputs(
 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """-> (transformer keyword arguments, velocity target, per-clip loss weights) for a batch of encoded clips.
 
-    Draws a latent `x0` from the VAE posterior; builds the image condition from the posterior mean of
-    latent frame 0 with a little noise, dropped for a fraction `image_dropout` of the clips; drops the
-    text for a fraction `text_dropout`, independently (so one model learns image-to-video, text-to-video
-    and unconditional generation, which classifier-free guidance needs); samples sigmas (logit-normal by
-    default) and regresses the velocity `noise - x0` at `x_t = (1 - sigma) x0 + sigma noise`. The draws
-    happen in a fixed order from `generator`: posterior sample, image noise, image dropout, text dropout,
-    sigmas, noise.
+    Draws a latent `x0` from the VAE posterior; draws each clip's conditioning task (`conditioning_tasks`,
+    see `nanoi2v_diffusers.conditioning.sample_condition_masks`) and builds its condition from the posterior
+    means of the known frames (the clip's own latents for the first frame and a continuation's opening, the
+    one-frame `keyframe_mean` for other keyframes) with a little noise, dropped for a fraction `image_dropout`
+    of the clips; drops the text for a fraction `text_dropout`, independently (so one model learns each
+    conditioning task, text-to-video and unconditional generation, which classifier-free guidance needs);
+    samples sigmas (logit-normal by default) and regresses the velocity `noise - x0` at
+    `x_t = (1 - sigma) x0 + sigma noise`. The draws happen in a fixed order from `generator`: posterior
+    sample, tasks, condition noise, condition dropout, text dropout, sigmas, noise.
     """
     mean, std = encoded["posterior_mean"].float(), encoded["posterior_std"].float()  # (B, C, T, h, w)
     latents = vae.normalize_latents(sample_latents(mean, std, generator))
-    batch_size, device = latents.shape[0], latents.device
-    # The posterior mean of latent frame 0 is the image latent: the VAE is causal (docs/design.md).
-    image_latents = noisy_image_latents(vae.normalize_latents(mean[:, :, :1]), config.condition_noise_std, generator)
+    batch_size, num_frames, device = latents.shape[0], latents.shape[2], latents.device
+    masks = sample_condition_masks(config.conditioning_tasks, batch_size, num_frames, generator)  # (B, T) each
+    prefix, keyframe = (mask.to(device) for mask in masks)
+    known = mean
+    if keyframe.any():
+        if "keyframe_mean" not in encoded:
+            raise ValueError("conditioning_tasks draws keyframes, but the batch has no keyframe_mean: encode the "
+                             "clips with encode_clips(..., keyframes=True).")  # fmt: skip
+        known = torch.where(keyframe[:, None, :, None, None], encoded["keyframe_mean"].float(), mean)
+    known = noisy_condition_latents(vae.normalize_latents(known), config.condition_noise_std, generator)
     keep_image = _uniform(batch_size, generator, device) >= config.image_dropout
-    condition = drop_image_condition(build_image_condition(image_latents, latents.shape[2]), keep_image)
+    condition = build_condition(known, (prefix | keyframe) & keep_image[:, None])
     keep_text = _uniform(batch_size, generator, device) >= config.text_dropout
     embeds, mask = drop_text(encoded["prompt_embeds"].float(), encoded["prompt_attention_mask"], keep_text)
 
@@ -419,7 +444,8 @@ class DiTTrainer(Trainer):
         if "pixel_values" not in batch:  # rows of the latent cache: encoded already
             return batch
         encoded = encode_clips(self.vae, self.text_encoder, self.tokenizer, batch["pixel_values"], batch["captions"],
-                               self.config.max_sequence_length, self.config.text_clause_separator)  # fmt: skip
+                               self.config.max_sequence_length, self.config.text_clause_separator,
+                               keyframes=needs_keyframes(self.config))  # fmt: skip
         return {**encoded, "caption": batch["captions"], "skipped_files": batch.get("skipped_files", [])}
 
     def compute_loss(self, batch: Dict[str, Any], generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:

@@ -8,6 +8,9 @@ and the training script then reads, per clip:
   draws a fresh latent `mean + std * noise` from it at every step (`sample_latents`), exactly as on
   the fly, and the image-conditioning latent is the posterior mean of latent frame 0: the VAE is
   causal, so the first frame alone encodes to the first latent frame and no second encode is needed;
+- `keyframe_mean` `(C, T, h, w)`: the posterior mean of each latent frame's last pixel frame encoded
+  alone, as a keyframe is at sampling (frame 0: the clip's own, see `nanoi2v_diffusers.conditioning`),
+  so every conditioning task trains from one cache;
 - `prompt_embeds` `(L, D)` and `prompt_attention_mask` `(L,)`: the caption's text-encoder states,
   padded to `max_sequence_length` (padding masked, see `nanoi2v_diffusers.text_encoders.encode_text`);
 - `caption`: the text, for logs.
@@ -37,9 +40,9 @@ from datasets.distributed import split_dataset_by_node
 from nanoi2v_diffusers.text_encoders import encode_text
 
 CACHE_INFO_FILE = "nanoi2v_cache.json"
-# 2: the VAE is identified by its encoder only (`vae_encoder_fingerprint`).
-CACHE_FORMAT_VERSION = 2
-FLOAT_COLUMNS = ("posterior_mean", "posterior_std", "prompt_embeds")
+# 2: the VAE is identified by its encoder only (`vae_encoder_fingerprint`). 3: keyframe latents.
+CACHE_FORMAT_VERSION = 3
+FLOAT_COLUMNS = ("posterior_mean", "posterior_std", "keyframe_mean", "prompt_embeds")
 TENSOR_COLUMNS = (*FLOAT_COLUMNS, "prompt_attention_mask")
 CAPTION_COLUMN = "caption"
 # Float columns may be stored in half precision to halve the cache (Arrow has no bfloat16).
@@ -126,21 +129,42 @@ def vae_encoder_fingerprint(vae: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
+def encode_keyframes(vae, pixel_values: torch.Tensor, posterior_mean: torch.Tensor) -> torch.Tensor:
+    """`(B, C, T, h, w)`: for each latent frame of the clips `pixel_values` `(B, 3, F, H, W)`, the posterior mean of
+    its last pixel frame encoded alone (frames r, 2r, ... as one-frame videos); frame 0 is `posterior_mean`'s."""
+    ratio = vae.temporal_compression_ratio
+    frames = pixel_values[:, :, ratio::ratio]  # (B, 3, T - 1, H, W): the last pixel frame of latent frames 1..T-1
+    batch, channels, count = frames.shape[:3]
+    if count == 0:
+        return posterior_mean[:, :, :1]
+    singles = frames.transpose(1, 2).reshape(batch * count, channels, 1, *frames.shape[3:])  # (B * (T-1), 3, 1, H, W)
+    means = vae.encode(singles.to(vae.device, vae.dtype)).latent_dist.mean  # (B * (T-1), C, 1, h, w)
+    means = means.reshape(batch, count, *means.shape[1:]).squeeze(3).transpose(1, 2)  # (B, C, T - 1, h, w)
+    return torch.cat([posterior_mean[:, :, :1], means.to(posterior_mean.dtype)], dim=2)
+
+
+@torch.no_grad()
 def encode_clips(vae, text_encoder, tokenizer, pixel_values: torch.Tensor, captions: Sequence[str],
-                 max_sequence_length: int, clause_separator: Optional[str] = None) -> Dict[str, torch.Tensor]:  # fmt: skip
-    """Encode a batch once: the VAE posterior of the videos and the padded text states of the captions
-    (clause by clause with a `clause_separator`, see `nanoi2v_diffusers.text_encoders.encode_clauses`).
+                 max_sequence_length: int, clause_separator: Optional[str] = None,
+                 keyframes: bool = True) -> Dict[str, torch.Tensor]:  # fmt: skip
+    """Encode a batch once: the VAE posterior of the videos, the keyframe latents (`encode_keyframes`; left out
+    with `keyframes=False`) and the padded text states of the captions (clause by clause with a
+    `clause_separator`, see `nanoi2v_diffusers.text_encoders.encode_clauses`).
 
     Used both by the precompute script and by on-the-fly training, so the two see the same values.
-    Returns `posterior_mean`, `posterior_std` `(B, C, T, h, w)`, `prompt_embeds` `(B, L, D)` and
-    `prompt_attention_mask` `(B, L)`, with `L = max_sequence_length`.
+    Returns `posterior_mean`, `posterior_std`, `keyframe_mean` `(B, C, T, h, w)`, `prompt_embeds` `(B, L, D)`
+    and `prompt_attention_mask` `(B, L)`, with `L = max_sequence_length`.
     """
-    posterior = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+    pixel_values = pixel_values.to(vae.device, vae.dtype)
+    posterior = vae.encode(pixel_values).latent_dist
     embeds, mask = encode_text(text_encoder, tokenizer, list(captions), max_sequence_length,
                                device=text_encoder.device, pad_to_max_length=True,
                                clause_separator=clause_separator)  # fmt: skip
-    return {"posterior_mean": posterior.mean, "posterior_std": posterior.std,
-            "prompt_embeds": embeds, "prompt_attention_mask": mask}  # fmt: skip
+    encoded = {"posterior_mean": posterior.mean, "posterior_std": posterior.std,
+               "prompt_embeds": embeds, "prompt_attention_mask": mask}  # fmt: skip
+    if keyframes:
+        encoded["keyframe_mean"] = encode_keyframes(vae, pixel_values, posterior.mean)
+    return encoded
 
 
 def sample_latents(posterior_mean: torch.Tensor, posterior_std: torch.Tensor,
@@ -159,6 +183,7 @@ def cache_features(latent_shape: Tuple[int, int, int, int], text_shape: Tuple[in
     return datasets.Features({
         "posterior_mean": datasets.Array4D(shape=tuple(latent_shape), dtype=dtype),
         "posterior_std": datasets.Array4D(shape=tuple(latent_shape), dtype=dtype),
+        "keyframe_mean": datasets.Array4D(shape=tuple(latent_shape), dtype=dtype),
         "prompt_embeds": datasets.Array2D(shape=tuple(text_shape), dtype=dtype),
         "prompt_attention_mask": datasets.List(datasets.Value("int8"), length=text_shape[0]),
         CAPTION_COLUMN: datasets.Value("string"),
@@ -245,6 +270,7 @@ __all__ = [
     "cache_features",
     "collate_cache_rows",
     "encode_clips",
+    "encode_keyframes",
     "load_latent_cache",
     "model_fingerprint",
     "sample_latents",

@@ -17,7 +17,18 @@ TABLE_ROWS = (
     ("centroid_error_px", "centroid error (px)", "lower"),
     ("visibility", "objects found", "1.0"),
     ("frechet_distance", "Frechet distance (colour/motion features, not FVD)", "lower"),
+    # Tasks beyond image-to-video (shown when the evaluation has them):
+    ("keyframe_psnr", "PSNR of the given keyframes after frame 0 (dB)", ">= 28"),
+    ("between_centroid_error_px", "centroid error between the keyframes (px)", "<= 3"),
+    ("continuation_direction_accuracy", "direction accuracy of the generated part", ">= 0.90"),
+    ("seam_psnr", "PSNR of the first generated frame (dB)", "-"),
 )
+# Rows that only some evaluation tasks fill.
+TASK_ROWS = ("keyframe_psnr", "between_centroid_error_px", "continuation_direction_accuracy", "seam_psnr")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
 
 
 def format_number(value) -> str:
@@ -31,8 +42,9 @@ def format_number(value) -> str:
 def format_table(results: dict) -> str:
     """Markdown table of the model's metrics beside the static baseline's."""
     settings = results["settings"]
-    header = (f"{settings['num_scenes']} {settings['split']} scenes, {settings['num_inference_steps']} steps, "
-              f"guidance {settings['guidance_scale']}, seed {settings['seed']}")  # fmt: skip
+    header = (f"{settings['num_scenes']} {settings['split']} scenes, task {settings.get('task', 'i2v')}, "
+              f"{settings['num_inference_steps']} steps, guidance {settings['guidance_scale']}, "
+              f"seed {settings['seed']}")  # fmt: skip
     default_objects = (ShapesConfig.min_objects, ShapesConfig.max_objects)  # also for results from before the flag
     objects = (settings.get("min_objects", default_objects[0]), settings.get("max_objects", default_objects[1]))
     if objects != default_objects:
@@ -43,17 +55,21 @@ def format_table(results: dict) -> str:
         header += f", negative prompt {settings['negative_prompt']}"
         if settings.get("negative_guidance_scale") is not None:
             header += f" on its own guidance {settings['negative_guidance_scale']}"
-    lines = [header, "", "| metric | model +- standard error | static baseline | target |", "|---|---|---|---|"]
+    lines = [header, "", "| metric | model +- standard error | static baseline | ground truth | target |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    truth = results.get("ground_truth", {})  # results from before the ground-truth row have none
     for key, label, target in TABLE_ROWS:
         # .get: there is no "text_swap" without partners, no standard error for the Frechet distance.
         model, baseline = results["model"].get(key), results["static_baseline"].get(key)
+        if key in TASK_ROWS and not _is_number(model):
+            continue  # not a metric of this task
         error = results["model_standard_error"].get(key)
         cell = format_number(model)
         if error is not None and math.isfinite(error):
             cell += f" +- {format_number(error)}"
-        lines.append(f"| {label} | {cell} | {format_number(baseline)} | {target} |")
+        lines.append(f"| {label} | {cell} | {format_number(baseline)} | {format_number(truth.get(key))} | {target} |")
     seconds = format_number(results["seconds_per_video"])
-    lines.append(f"| seconds per video (batches of {settings['batch_size']}) | {seconds} | - | <= 30 |")
+    lines.append(f"| seconds per video (batches of {settings['batch_size']}) | {seconds} | - | - | <= 30 |")
     return "\n".join(lines)
 
 

@@ -12,6 +12,11 @@ A generated video is matched to the `ShapesClip` its first frame and caption cam
 - text-swap: same first frame, two captions with different motions: does each video follow its
   own caption better than the other one (see `text_swap_outcome`)?
 
+Tasks beyond image-to-video (`EVAL_TASKS`, frames given per `task_known_frames`) add: the PSNR of the given
+keyframes beyond frame 0 (first and last frame: the last one), the centroid error on the frames between the
+first and the last given frame, and for a continuation the direction accuracy of the generated part alone and
+the PSNR at the seam (the first generated frame).
+
 `static_baseline` (the first frame repeated) is scored with the same functions, so reports can
 show what a model that ignores the text and never moves would get. Means over scenes come with
 their standard error (`standard_error`): at 64 scenes it is about 0.05 for direction accuracy, so
@@ -22,6 +27,7 @@ centroid of a partly hidden object is not where the object is.
 """
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -213,6 +219,11 @@ def _directions_from_tracks(tracks: np.ndarray, clip: ShapesClip, truth: GroundT
     return predictions
 
 
+def _only_frames(truth: GroundTruthTracks, frames: np.ndarray) -> GroundTruthTracks:
+    """`truth` with every frame outside the boolean `frames` (T,) left out of scoring (as an overlap is)."""
+    return dataclasses.replace(truth, overlapped=truth.overlapped | ~frames[None])
+
+
 def direction_accuracy(video, clip: ShapesClip, truth: Optional[GroundTruthTracks] = None) -> float:
     """Fraction of the scored objects of `clip` that move in `video` the way the caption says."""
     return _accuracy(predict_directions(video, clip, truth), clip)
@@ -245,6 +256,26 @@ def video_psnr(video, clip: ShapesClip) -> float:
     return min(float(psnr(generated, truth)[0]), VIDEO_PSNR_CAP_DB)
 
 
+# What a generated video is conditioned on in an evaluation: see `task_known_frames`.
+EVAL_TASKS = ("i2v", "flf2v", "keyframes", "continue")
+
+
+def task_known_frames(task: str, num_frames: int, temporal_ratio: int = 4) -> Tuple[int, ...]:
+    """The pixel frames an evaluation `task` gives the model: "i2v" the first frame, "flf2v" the first and the
+    last, "keyframes" the first and the middle one (a latent frame's last, e.g. 8 of 17), "continue" the
+    opening half of the clip (1 + r * m frames: 9 of 17)."""
+    latent_frames = (num_frames - 1) // temporal_ratio
+    if task == "i2v":
+        return (0,)
+    if task == "flf2v":
+        return (0, num_frames - 1)
+    if task == "keyframes":
+        return (0, temporal_ratio * (latent_frames // 2))
+    if task == "continue":
+        return tuple(range(1 + temporal_ratio * (latent_frames // 2)))
+    raise ValueError(f"task must be one of {EVAL_TASKS}; got {task!r}.")
+
+
 @dataclass
 class VideoScore:
     """The metrics of one generated video against its ground-truth clip."""
@@ -257,17 +288,29 @@ class VideoScore:
     first_frame_psnr: float  # dB, generated frame 0 vs the conditioning image
     video_psnr: float  # dB, the whole generated video vs the true clip
     predicted_directions: Tuple[Optional[str], ...]  # per object, see `predict_directions`
+    # Tasks beyond image-to-video (NaN where the task has no such frames):
+    keyframe_psnr: float = float("nan")  # dB, mean over the given keyframes after frame 0 (flf2v, keyframes)
+    between_centroid_error_px: float = float("nan")  # centroid error strictly between the first and last keyframe
+    continuation_direction_accuracy: float = float("nan")  # direction accuracy of the generated part (continue)
+    seam_psnr: float = float("nan")  # dB, the first generated frame vs the truth (continue)
 
 
-def score_video(video, clip: ShapesClip) -> VideoScore:
-    """Score a generated video (T, H, W, 3), uint8 or floats in [0, 1], against `clip`."""
+def _frame_psnr(video: np.ndarray, clip: ShapesClip, frame: int) -> float:
+    generated, truth = (torch.from_numpy(v[frame]).permute(2, 0, 1)[None] for v in (video, video_as_float(clip.video)))
+    return float(psnr(generated, truth)[0])
+
+
+def score_video(video, clip: ShapesClip, task: str = "i2v") -> VideoScore:
+    """Score a generated video (T, H, W, 3), uint8 or floats in [0, 1], against `clip`, with the metrics of the
+    evaluation `task` it was generated for (see `EVAL_TASKS`)."""
     truth = ground_truth_tracks(clip)
     tracks = track_objects(video, clip, truth)
     scored = ~truth.overlapped  # (N, T)
     found = scored & ~np.isnan(tracks).any(axis=-1)
-    errors = np.linalg.norm(tracks - truth.centroids, axis=-1)[found]
+    distances = np.linalg.norm(tracks - truth.centroids, axis=-1)  # (N, T), NaN where not found
+    errors = distances[found]
     predictions = _directions_from_tracks(tracks, clip, truth)
-    return VideoScore(
+    score = VideoScore(
         direction_accuracy=_accuracy(predictions, clip),
         centroid_error_px=float(errors.mean()) if errors.size else float("nan"),
         visibility=float(found.sum() / scored.sum()) if scored.any() else float("nan"),
@@ -275,6 +318,19 @@ def score_video(video, clip: ShapesClip) -> VideoScore:
         video_psnr=video_psnr(video, clip),
         predicted_directions=tuple(predictions),
     )
+    known = task_known_frames(task, clip.video.shape[0])
+    frames, floats = np.arange(clip.video.shape[0]), video_as_float(video)
+    if task in ("flf2v", "keyframes"):
+        score.keyframe_psnr = float(np.mean([_frame_psnr(floats, clip, frame) for frame in known[1:]]))
+        between = found & ((frames > known[0]) & (frames < known[-1]))[None]
+        score.between_centroid_error_px = float(distances[between].mean()) if between.any() else float("nan")
+    if task == "continue":
+        generated = frames > known[-1]
+        score.continuation_direction_accuracy = _accuracy(
+            _directions_from_tracks(tracks, clip, _only_frames(truth, generated)), clip
+        )
+        score.seam_psnr = _frame_psnr(floats, clip, known[-1] + 1)
+    return score
 
 
 def static_baseline(clip: ShapesClip) -> np.ndarray:
@@ -351,7 +407,8 @@ def standard_error(values: Sequence[float]) -> float:
 
 
 # The `VideoScore` fields that are one number per scene, averaged by `summarize`.
-_SCENE_METRICS = ("direction_accuracy", "centroid_error_px", "visibility", "first_frame_psnr", "video_psnr")
+_SCENE_METRICS = ("direction_accuracy", "centroid_error_px", "visibility", "first_frame_psnr", "video_psnr",
+                  "keyframe_psnr", "between_centroid_error_px", "continuation_direction_accuracy", "seam_psnr")
 
 
 def _per_scene_values(scores: Sequence[VideoScore]) -> Dict[str, List[float]]:
@@ -433,6 +490,24 @@ def _inner_progress_bar_disabled(pipe):
         pipe.set_progress_bar_config(**previous)
 
 
+def task_inputs(task: str, clips: Sequence[ShapesClip]) -> dict:
+    """The pipeline arguments that give a batch of clips' known frames (`task_known_frames`) to the model."""
+    from ..pipelines.pipeline_nanoi2v import NanoI2VCondition  # the pipeline builds on this module's package
+
+    known = task_known_frames(task, clips[0].video.shape[0])
+    # PIL images: their value range (0-255) is unambiguous, unlike an integer array's.
+    first = [Image.fromarray(clip.first_frame) for clip in clips]
+    if task == "continue":
+        return {"video": [clip.video[: len(known)] for clip in clips]}
+    inputs = {"image": first}
+    if task == "flf2v":
+        inputs["last_image"] = [Image.fromarray(clip.video[-1]) for clip in clips]
+    if task == "keyframes":
+        keyframes = [Image.fromarray(clip.video[known[-1]]) for clip in clips]
+        inputs["conditions"] = [NanoI2VCondition(image=keyframes, frame_index=known[-1])]
+    return inputs
+
+
 def _generate_videos(
     pipe,
     clips: Sequence[ShapesClip],
@@ -440,9 +515,10 @@ def _generate_videos(
     batch_size: int,
     progress: bool,
     negative_prompt: Optional[Callable[[str], str]] = None,
+    task: str = "i2v",
     **call_kwargs,
 ) -> Tuple[List[np.ndarray], float]:
-    """Run `pipe` on the clips' first frames and captions in batches: videos (T, H, W, 3) floats
+    """Run `pipe` on the clips' known frames (`task_inputs`) and captions in batches: videos (T, H, W, 3) floats
     in [0, 1] and the seconds spent inside the pipeline. `negative_prompt` maps a caption to its
     negative prompt."""
     videos, seconds = [], 0.0
@@ -454,8 +530,7 @@ def _generate_videos(
                 call_kwargs["negative_prompt"] = [negative_prompt(clip.caption) for clip in batch]
             began = time.perf_counter()
             frames = pipe(
-                # PIL images: their value range (0-255) is unambiguous, unlike an integer array's.
-                image=[Image.fromarray(clip.first_frame) for clip in batch],
+                **task_inputs(task, batch),
                 prompt=[clip.caption for clip in batch],
                 num_frames=batch[0].video.shape[0],
                 generator=[torch.Generator().manual_seed(s) for s in noise_seeds[start : start + batch_size]],
@@ -485,14 +560,15 @@ def _score_with_baseline(
     clips: Sequence[ShapesClip],
     partners: Sequence[ShapesClip],
     progress: bool = True,
+    task: str = "i2v",
 ) -> Tuple[Dict[str, float], Dict[str, float], Dict[str, float], List[VideoScore], List[bool]]:
     """Mean metrics of the generated videos, their standard errors, the static baseline's means, and
     the per-video scores and text-swap outcomes (empty without partners)."""
     scenes = tqdm(zip(videos, clips), total=len(clips), desc="Scoring", unit="video", disable=not progress)
-    scores = [score_video(video, clip) for video, clip in scenes]
+    scores = [score_video(video, clip, task) for video, clip in scenes]
     baselines = [static_baseline(clip) for clip in clips]
     model, model_errors = summarize(scores), summarize_standard_errors(scores)
-    baseline = summarize([score_video(video, clip) for video, clip in zip(baselines, clips)])
+    baseline = summarize([score_video(video, clip, task) for video, clip in zip(baselines, clips)])
     model["frechet_distance"] = frechet_to_ground_truth(videos, clips)
     baseline["frechet_distance"] = frechet_to_ground_truth(baselines, clips)
     swaps = text_swap_outcomes(videos, partner_videos, clips, partners)  # empty without partners
@@ -516,6 +592,7 @@ def evaluate_pipeline(
     negative_prompt: Optional[Callable[[str], str]] = None,
     negative_guidance_scale: Optional[float] = None,
     progress: bool = True,
+    task: str = "i2v",
 ) -> dict:
     """Generate videos for fresh shapes scenes and score them, next to the static baseline.
 
@@ -534,10 +611,14 @@ def evaluate_pipeline(
         negative_prompt: maps each caption to the negative prompt it is generated with, e.g.
             `nanoi2v_diffusers.data.swap_motions`; None generates without one (guidance against no text).
         negative_guidance_scale: passed to the pipeline when given (see `NanoI2VPipeline.__call__`).
+        task: what each scene is generated from besides its caption (`EVAL_TASKS`, `task_known_frames`): "i2v"
+            its first frame; "flf2v", "keyframes" and "continue" add their metrics (see `VideoScore`) and need a
+            `NanoI2VPipeline` (or a callable taking `last_image=`, `conditions=`, `video=`). The text-swap score
+            is for "i2v" only (given later frames already say where the objects go).
 
     Returns:
         `{"model": {metric: mean over scenes}, "model_standard_error": {metric: its standard error
-        over scenes, see `standard_error`}, "static_baseline": {...}, "seconds_per_video",
+        over scenes, see `standard_error`}, "static_baseline": {...}, "ground_truth": {...}, "seconds_per_video",
         "settings": {...}, "scenes": [per-scene scores of the model, and its text-swap outcome]}`,
         metrics as in `VideoScore` plus "text_swap" (when computed) and "frechet_distance" (to the
         ground-truth videos, see `frechet_to_ground_truth`; no standard error); seconds are spent
@@ -545,6 +626,9 @@ def evaluate_pipeline(
     """
     if num_scenes < 1 or batch_size < 1:
         raise ValueError(f"num_scenes and batch_size must be >= 1; got {num_scenes} and {batch_size}.")
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task must be one of {EVAL_TASKS}; got {task!r}.")
+    text_swap = text_swap and task == "i2v"
     config = config or ShapesConfig()
     dataset = ShapesDataset(num_scenes, split=split, config=config, seed=seed * num_scenes)
     clips = [dataset.clip(index) for index in range(num_scenes)]
@@ -559,15 +643,17 @@ def evaluate_pipeline(
         batch_size,
         progress,
         negative_prompt,
+        task,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
         **extra,
     )
     generated, generated_partners = videos[:num_scenes], videos[num_scenes:]
     model, model_errors, baseline, scores, swaps = _score_with_baseline(
-        generated, generated_partners, clips, partners, progress
+        generated, generated_partners, clips, partners, progress, task
     )
     settings = dict(
+        task=task,
         num_scenes=num_scenes,
         num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale,
@@ -581,6 +667,8 @@ def evaluate_pipeline(
         negative_prompt=None if negative_prompt is None else negative_prompt.__name__,
         negative_guidance_scale=negative_guidance_scale,
     )
+    # The true clips scored the same way: the ceiling of each metric (1.0, 0 px, the PSNR cap), a check on it.
+    ground_truth = summarize([score_video(clip.video, clip, task) for clip in clips])
     scenes = [
         dict(seed=clip.seed, caption=clip.caption, directions=[obj.direction for obj in clip.objects], **asdict(score))
         for clip, score in zip(clips, scores)
@@ -591,6 +679,7 @@ def evaluate_pipeline(
         "model": model,
         "model_standard_error": model_errors,
         "static_baseline": baseline,
+        "ground_truth": ground_truth,
         "seconds_per_video": seconds / len(jobs),
         "settings": settings,
         "scenes": scenes,
