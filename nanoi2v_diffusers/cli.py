@@ -3,6 +3,7 @@
     nanoi2v generate --model examples/nanoi2v-shapes-64 --image first_frame.png --prompt "a red circle moves left"
     nanoi2v generate --model examples/nanoi2v-shapes-64 --image first.png --last_image last.png --prompt "..."
     nanoi2v generate --model examples/nanoi2v-shapes-64 --video clip.mp4 --prompt "..."   # continue a clip
+    nanoi2v generate --model outputs/dit-eps --scheduler dpm++ --prompt "..."   # a noise-prediction model
     nanoi2v evaluate --model examples/nanoi2v-shapes-64 --num_scenes 64 [--task flf2v]
 
 The flags are the pipeline's argument names (`--num_inference_steps`, `--guidance_scale`, ...), and
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from .safe_loading import MODEL_INDEX, check_local_path
+from .schedulers.objectives import FLOW_SCHEDULER_NAMES, NOISE_SCHEDULER_NAMES, SCHEDULER_NAMES
 from .settings import parse_config
 from .size_rules import check_frame_count, check_multiple
 
@@ -49,6 +51,9 @@ class LoadingSettings:
 
     model: Optional[str] = None  # a pipeline folder or Hub id (required)
     solver: Optional[str] = None  # "euler" or "heun"; default: the saved scheduler's
+    # The sampler: euler or heun (flow models); ddpm, ddim, dpm++, unipc or euler_discrete (noise-prediction
+    # models, diffusers' schedulers on the saved noise schedule). Default: the saved scheduler.
+    scheduler: Optional[str] = None
     shift: Optional[float] = None  # timestep shift; default: the saved scheduler's
     lora: Optional[str] = None  # LoRA weights (a folder or Hub id with pytorch_lora_weights.safetensors)
     lora_scale: float = 1.0
@@ -68,6 +73,23 @@ class LoadingSettings:
             _fail("model", self.model, f"not a pipeline folder: it has no {MODEL_INDEX}")
         if self.solver is not None and self.solver not in SOLVERS:
             _fail("solver", self.solver, f"must be one of {', '.join(SOLVERS)}")
+        if self.scheduler is not None:
+            if self.scheduler not in SCHEDULER_NAMES:
+                _fail("scheduler", self.scheduler, f"must be one of {', '.join(SCHEDULER_NAMES)}")
+            if self.solver is not None:
+                _fail("solver", self.solver, "give --scheduler or --solver, not both")
+        prediction_type = self.saved_prediction_type()
+        if prediction_type not in (None, "flow"):
+            if self.scheduler is not None and self.scheduler not in NOISE_SCHEDULER_NAMES:
+                _fail("scheduler", self.scheduler, f"this model predicts {prediction_type!r} (a noise-prediction "
+                      f"model): choose one of {', '.join(NOISE_SCHEDULER_NAMES)}")  # fmt: skip
+            for flag in ("solver", "shift"):
+                if getattr(self, flag) is not None:
+                    _fail(flag, getattr(self, flag), f"applies to flow models; this one predicts {prediction_type!r} "
+                          "(use --scheduler)")  # fmt: skip
+        elif prediction_type == "flow" and self.scheduler is not None and self.scheduler not in FLOW_SCHEDULER_NAMES:
+            _fail("scheduler", self.scheduler, f"this model is a flow-matching model: choose one of "
+                  f"{', '.join(FLOW_SCHEDULER_NAMES)}")  # fmt: skip
         if self.shift is not None and not self.shift > 0:
             _fail("shift", self.shift, "must be > 0")
         if not math.isfinite(self.lora_scale):
@@ -80,6 +102,13 @@ class LoadingSettings:
             _fail("device", self.device, f"must be one of {', '.join(DEVICES)}")
         if self.device == "cuda" and not _cuda_available():
             _fail("device", self.device, "no CUDA device here (use cpu, or auto)")
+
+    def saved_prediction_type(self) -> Optional[str]:
+        """The objective a local pipeline folder records ("flow" when it names none); None for a Hub id."""
+        try:
+            return json.loads((Path(self.model) / MODEL_INDEX).read_text()).get("prediction_type") or "flow"
+        except (OSError, ValueError, AttributeError):
+            return None  # not readable here: the pipeline checks the pairing once loaded
 
     def size_multiples(self):
         """(spatial, temporal) size multiples of a local pipeline folder, read from its configs; None for a Hub id."""
@@ -115,6 +144,7 @@ class GenerateSettings(LoadingSettings):
     output: str = "outputs/generated.mp4"  # .mp4, .gif, .mkv, .webm or .mov
     fps: int = 8
     lossless: bool = False  # exact RGB frames (.mp4/.mkv: libx264rgb crf 0, .webm: vp9 lossless), larger files
+    eta: float = 0.0  # stochastic sampling (ddim; euler on flow models), 0: deterministic, 1: DDPM-like
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,6 +184,16 @@ class GenerateSettings(LoadingSettings):
                 _fail("negative_guidance_scale", self.negative_guidance_scale, "needs a --negative_prompt")
         if self.seed < 0:
             _fail("seed", self.seed, "must be >= 0")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            _fail("eta", self.eta, "must be a number >= 0 (0: deterministic)")
+        if self.eta > 0:
+            sampler = self.scheduler or self.solver
+            prediction_type = self.saved_prediction_type()
+            if sampler is not None and sampler not in ("ddim", "euler"):
+                _fail("eta", self.eta, f"the {sampler} scheduler takes no eta: use --scheduler ddim (noise-prediction "
+                      "models) or euler (flow models)")  # fmt: skip
+            if prediction_type == "flow" and self.eta > 1:
+                _fail("eta", self.eta, "must be in [0, 1] for a flow model")
         check_output_file("output", self.output)
 
 
@@ -250,14 +290,17 @@ def _cuda_available() -> bool:
 
 def load_pipeline(model: str, solver: Optional[str] = None, shift: Optional[float] = None,
                   first_block_cache: Optional[float] = None, lora: Optional[str] = None, lora_scale: float = 1.0,
-                  dtype: str = "float32", device: str = "auto"):  # fmt: skip
+                  dtype: str = "float32", device: str = "auto", scheduler: Optional[str] = None):  # fmt: skip
     """A pipeline folder or Hub id, ready to sample: the built-in text encoder filled in when it was saved without
-    one; `solver` and `shift` replace the saved scheduler's; `lora` loaded as the adapter "lora" at `lora_scale`;
-    `first_block_cache` turns on diffusers' First Block Cache at that threshold."""
+    one; `scheduler` (a name of `schedulers.objectives.SCHEDULER_NAMES` that fits the model's objective) replaces
+    the saved scheduler, built from its config; `solver` and `shift` replace the saved flow scheduler's; `lora`
+    loaded as the adapter "lora" at `lora_scale`; `first_block_cache` turns on diffusers' First Block Cache at that
+    threshold."""
     import torch
     from diffusers.hooks import FirstBlockCacheConfig
 
     from .pipelines.pipeline_nanoi2v import NanoI2VPipeline
+    from .schedulers.objectives import scheduler_from_name
     from .text_encoders import load_minilm
 
     torch_dtype = getattr(torch, dtype)
@@ -265,6 +308,8 @@ def load_pipeline(model: str, solver: Optional[str] = None, shift: Optional[floa
     if pipe.text_encoder is None:
         text_encoder, tokenizer = load_minilm(dtype=torch_dtype)
         pipe.register_modules(text_encoder=text_encoder, tokenizer=tokenizer)
+    if scheduler is not None:
+        pipe.scheduler = scheduler_from_name(scheduler, pipe.scheduler, pipe.config.get("prediction_type", "flow"))
     overrides = {"solver": solver} if solver else {}
     if shift is not None:
         overrides["shift"] = shift
@@ -289,7 +334,7 @@ def _load(settings: LoadingSettings):
 
 def loading_options(settings: LoadingSettings) -> dict:
     return {name: getattr(settings, name) for name in ("solver", "shift", "first_block_cache", "lora", "lora_scale",
-                                                      "dtype", "device")}  # fmt: skip
+                                                      "dtype", "device", "scheduler")}  # fmt: skip
 
 
 def video_to_uint8(video):
@@ -323,7 +368,7 @@ def generate(settings: GenerateSettings) -> List[Path]:
         width=settings.width, num_frames=settings.num_frames, num_inference_steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale, image_guidance_scale=settings.image_guidance_scale,
         negative_guidance_scale=settings.negative_guidance_scale,
-        num_videos_per_prompt=settings.num_videos_per_prompt, generator=generator,
+        num_videos_per_prompt=settings.num_videos_per_prompt, generator=generator, eta=settings.eta,
     ).frames  # (N, F, H, W, 3) in [0, 1]  # fmt: skip
     paths = output_paths(settings.output, len(videos))
     for path, video in zip(paths, videos):
@@ -350,7 +395,8 @@ def evaluate(settings: EvaluateSettings) -> dict:
         config=ShapesConfig(min_objects=settings.min_objects, max_objects=settings.max_objects),
     )  # fmt: skip
     results["model_path"] = settings.model
-    results["settings"].update(solver=pipe.scheduler.config.solver, shift=pipe.scheduler.config.shift,
+    results["settings"].update(solver=pipe.scheduler.config.get("solver"), shift=pipe.scheduler.config.get("shift"),
+                               scheduler=type(pipe.scheduler).__name__,
                                first_block_cache=settings.first_block_cache, lora=settings.lora,
                                lora_scale=settings.lora_scale if settings.lora else None)  # fmt: skip
     print(format_table(results))

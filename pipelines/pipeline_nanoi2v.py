@@ -17,7 +17,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders.lora_pipeline import Mochi1LoraLoaderMixin
 from diffusers.utils import BaseOutput, logging
@@ -36,6 +44,12 @@ from nanoi2v_diffusers.safe_loading import (
     not_found_error,
     safe_loading_kwargs,
     validate_pipeline_folder,
+)
+from nanoi2v_diffusers.schedulers.objectives import (
+    check_prediction_type,
+    check_scheduler_matches,
+    is_flow_scheduler,
+    step_kwargs,
 )
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler, calculate_shift
 from nanoi2v_diffusers.size_rules import check_frame_count, check_multiple, nearest_multiple
@@ -79,6 +93,12 @@ EXAMPLE_DOC_STRING = """
 # LoRA target modules of earlier versions' fused attention projections, and today's names for them.
 _LEGACY_LORA_TARGETS = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"), "to_out": ("to_out.0",)}
 INPUT_DOMAINS = ("shapes",)  # training data a pipeline can warn about (`input_domain`)
+# The samplers a pipeline folder may name: flow matching for "flow" models, diffusers' DDPM family for the others
+# (schedulers.objectives.check_scheduler_matches pairs them with the model's `prediction_type`).
+NanoI2VScheduler = Union[
+    NanoI2VFlowMatchScheduler, FlowMatchEulerDiscreteScheduler, DDPMScheduler, DDIMScheduler,
+    DPMSolverMultistepScheduler, UniPCMultistepScheduler, EulerDiscreteScheduler,
+]  # fmt: skip
 
 
 @dataclass
@@ -173,8 +193,11 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
 
     Args:
         vae ([`AutoencoderKLNanoI2V`]): causal 3D VAE; encodes the conditioning image and decodes the latents.
-        transformer ([`NanoI2VTransformer3DModel`]): predicts the flow-matching velocity of the latents.
-        scheduler ([`NanoI2VFlowMatchScheduler`] or diffusers' `FlowMatchEulerDiscreteScheduler`): the sampler.
+        transformer ([`NanoI2VTransformer3DModel`]): predicts what `prediction_type` names for the noisy latents.
+        scheduler: the sampler. For a "flow" model [`NanoI2VFlowMatchScheduler`] or diffusers'
+            `FlowMatchEulerDiscreteScheduler`; for a noise-prediction model diffusers' `DDPMScheduler`,
+            `DDIMScheduler`, `DPMSolverMultistepScheduler`, `UniPCMultistepScheduler` or `EulerDiscreteScheduler`
+            configured with the model's prediction type. Another pairing is refused (`ValueError`).
         text_encoder ([`~transformers.PreTrainedModel`], *optional*): any transformers text encoder whose
             `last_hidden_state` has `transformer.config.text_dim` features (BERT, T5 encoder, CLIP text).
         tokenizer ([`~transformers.PreTrainedTokenizerBase`], *optional*): the text encoder's tokenizer.
@@ -187,6 +210,9 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             hash-checked), and `from_pretrained` restores it when none is stored or passed.
         input_domain (`str`, *optional*): "shapes" for a model trained on the built-in shapes clips: a call whose
             image or prompt is clearly unlike them gets one warning (`data.shapes.unlike_shapes`).
+        prediction_type (`str`, defaults to "flow"): what the transformer was trained to predict: "flow" (the
+            flow-matching velocity), or with a DDPM noise schedule "epsilon", "v_prediction" or "sample"
+            (`schedulers.objectives`). Saved in model_index.json.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -197,12 +223,13 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         self,
         vae: AutoencoderKLNanoI2V,
         transformer: NanoI2VTransformer3DModel,
-        scheduler: NanoI2VFlowMatchScheduler,
+        scheduler: NanoI2VScheduler,
         text_encoder: Optional[PreTrainedModel] = None,
         tokenizer: Optional[PreTrainedTokenizerBase] = None,
         text_clause_separator: Optional[str] = None,
         default_text_encoder: Optional[str] = None,
         input_domain: Optional[str] = None,
+        prediction_type: str = "flow",
     ):
         super().__init__()
         self.register_modules(
@@ -216,9 +243,12 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             )
         if input_domain not in (None, *INPUT_DOMAINS):
             raise ValueError(f"input_domain must be None or one of {INPUT_DOMAINS}; got {input_domain!r}.")
+        check_prediction_type(prediction_type)
+        if scheduler is not None:
+            check_scheduler_matches(prediction_type, scheduler)
         default_text_encoder = builtin_text_encoder_name(text_encoder) or default_text_encoder
         self.register_to_config(text_clause_separator=text_clause_separator, default_text_encoder=default_text_encoder,
-                                input_domain=input_domain)  # fmt: skip
+                                input_domain=input_domain, prediction_type=prediction_type)  # fmt: skip
         self.vae_scale_factor_spatial = vae.spatial_compression_ratio if vae is not None else 8
         self.vae_scale_factor_temporal = vae.temporal_compression_ratio if vae is not None else 4
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial, do_convert_rgb=True)
@@ -545,7 +575,8 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             )
 
     def _guided_velocity(self, latents, timestep, condition, null_condition, text, negative_text) -> torch.Tensor:
-        """One batched transformer call for all guidance branches, combined into one velocity.
+        """One batched transformer call for all guidance branches, combined into one velocity (or, for a
+        noise-prediction model, one prediction of its type: the combination is linear, the same for any).
 
         With v(text, image) the model's velocity and "-" a dropped condition:
             v = v(-, +image) + s * (v(+text, +image) - v(-, +image))         text CFG (`guidance_scale` s > 1)
@@ -622,6 +653,7 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         last_image: Optional[PipelineImageInput] = None,
         video: Optional[Any] = None,
         conditions: Optional[List[NanoI2VCondition]] = None,
+        eta: float = 0.0,
     ):
         r"""
         Generate videos from an image and a prompt; or from a first and a last frame, keyframes, or the opening
@@ -666,6 +698,9 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
                 `1 + 4m` frames open the output, the rest is generated; `continue_video` chains continuations).
             conditions (`List[NanoI2VCondition]`, *optional*): keyframes at other frames (0, 4, 8, ...), videos, and
                 a `strength` each. At most one condition per latent frame (4 pixel frames), all frames of one size.
+            eta (`float`, defaults to 0.0): stochastic sampling, passed to `scheduler.step` where it takes one:
+                DDIM's eta for noise-prediction models, `NanoI2VFlowMatchScheduler`'s (Euler solver) for flow
+                models; 0 is deterministic. Another scheduler refuses an eta other than 0.
 
         Examples:
 
@@ -674,6 +709,7 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        extra_step_kwargs = self._check_sampler(eta, generator)
         check_frame_count("`num_frames`", num_frames, self.vae_scale_factor_temporal)
         known = self._gather_conditions(image, last_image, video, conditions, num_frames,
                                         _prompt_batch_size(prompt, prompt_embeds))  # fmt: skip
@@ -726,8 +762,13 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
             known_mask[:, frames] = True
             strengths[frames] = condition.strength
 
-        # 3. Timesteps
-        self.scheduler.set_timesteps(num_inference_steps, device=device, mu=self._dynamic_shift_mu(shape))
+        # 3. Timesteps (a noise-prediction scheduler starts from noise of its `init_noise_sigma`)
+        flow = is_flow_scheduler(self.scheduler)
+        if flow:
+            self.scheduler.set_timesteps(num_inference_steps, device=device, mu=self._dynamic_shift_mu(shape))
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            latents = latents * self.scheduler.init_noise_sigma
         timesteps = self.scheduler.timesteps
         self._num_timesteps = len(timesteps)
         # A condition of strength s is seen by the first ceil(s * steps) model calls, then dropped.
@@ -741,11 +782,12 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
                 self._current_timestep = t
                 condition = build_condition(known_latents, known_mask & (i < last_call))
                 null_condition = torch.zeros_like(condition)
+                model_input = latents if flow else self.scheduler.scale_model_input(latents, t)
                 velocity = self._guided_velocity(
-                    latents.to(dtype), t.expand(batch_size).to(dtype), condition, null_condition,
+                    model_input.to(dtype), t.expand(batch_size).to(dtype), condition, null_condition,
                     (embeds, mask), (null_embeds, null_mask),
                 )
-                latents = self.scheduler.step(velocity.float(), t, latents, return_dict=False)[0]
+                latents = self.scheduler.step(velocity.float(), t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
                     tensors = {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": null_embeds}
@@ -903,6 +945,18 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
                 f"{self._size_multiple}; pass height and width to choose."
             )
         return size
+
+    def _check_sampler(self, eta, generator) -> Dict[str, Any]:
+        """Check, before any work, that the scheduler samples this model's objective and takes `eta`; returns the
+        extra `scheduler.step` arguments (`eta`, `generator`, where its `step` takes them)."""
+        check_scheduler_matches(self.config.get("prediction_type", "flow"), self.scheduler)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+            raise ValueError(f"`eta` must be a number >= 0; got {eta!r}.")
+        if isinstance(self.scheduler, NanoI2VFlowMatchScheduler) and eta > 0:
+            if eta > 1 or self.scheduler.config.solver != "euler":
+                raise ValueError(f"`eta` {eta!r}: the flow scheduler's stochastic step needs eta in [0, 1] and "
+                                 f"solver 'euler'; got solver {self.scheduler.config.solver!r}.")  # fmt: skip
+        return step_kwargs(self.scheduler, generator, float(eta))
 
     def _dynamic_shift_mu(self, latent_shape: Tuple[int, ...]) -> Optional[float]:
         """Resolution-dependent timestep shift for schedulers configured with `use_dynamic_shifting`."""

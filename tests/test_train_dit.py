@@ -312,14 +312,14 @@ def _encoded(mean: torch.Tensor, text_tokens: int) -> dict:
             "prompt_attention_mask": torch.ones(batch, text_tokens, dtype=torch.long)}  # fmt: skip
 
 
-def test_flow_matching_inputs_follow_the_conditioning_layout(assets):
+def test_diffusion_inputs_follow_the_conditioning_layout(assets):
     vae = AutoencoderKLNanoI2V.from_pretrained(assets["vae"])
     config = DiTTrainingConfig(image_dropout=0.0, text_dropout=0.0, condition_noise_std=0.0)
     scheduler = train_dit.build_noise_scheduler(config)
     mean = torch.randn(3, 4, 2, 4, 4)
     encoded = _encoded(mean, text_tokens=8)
 
-    kwargs, target, weights = train_dit.flow_matching_inputs(encoded, vae, scheduler, config, torch.manual_seed(0))
+    kwargs, target, weights = train_dit.diffusion_inputs(encoded, vae, scheduler, config, torch.manual_seed(0))
 
     x0 = vae.normalize_latents(mean)
     sigmas = kwargs["timestep"] / scheduler.config.num_train_timesteps
@@ -331,7 +331,7 @@ def test_flow_matching_inputs_follow_the_conditioning_layout(assets):
     assert torch.equal(kwargs["encoder_attention_mask"], encoded["prompt_attention_mask"])
 
     dropped = DiTTrainingConfig(image_dropout=1.0, text_dropout=1.0)
-    kwargs, _, _ = train_dit.flow_matching_inputs(encoded, vae, scheduler, dropped, torch.manual_seed(0))
+    kwargs, _, _ = train_dit.diffusion_inputs(encoded, vae, scheduler, dropped, torch.manual_seed(0))
     assert (kwargs["condition"] == 0).all()
     assert (kwargs["encoder_attention_mask"] == 0).all() and (kwargs["encoder_hidden_states"] == 0).all()
 
@@ -347,7 +347,7 @@ def test_each_conditioning_task_conditions_on_its_frames(assets, task):
     mean = torch.randn(16, 4, 5, 4, 4)
     keyframes = torch.cat([mean[:, :, :1], torch.randn(16, 4, 4, 4, 4)], dim=2)  # frame 0: the clip's own
     encoded = {**_encoded(mean, text_tokens=8), "keyframe_mean": keyframes}
-    kwargs, _, _ = train_dit.flow_matching_inputs(encoded, vae, scheduler, config, torch.manual_seed(0))
+    kwargs, _, _ = train_dit.diffusion_inputs(encoded, vae, scheduler, config, torch.manual_seed(0))
     condition, known = kwargs["condition"], (kwargs["condition"][:, 4, :, 0, 0] == 1)  # (B, T)
     assert known.any(1).all()
     for row in range(16):
@@ -365,10 +365,10 @@ def test_each_conditioning_task_conditions_on_its_frames(assets, task):
         assert torch.equal(known, torch.arange(5)[None] < known.sum(1, keepdim=True))  # the opening frames
     without_keyframes = _encoded(mean, text_tokens=8)
     if task in ("first_frame", "continuation"):  # the clip's own latents suffice
-        train_dit.flow_matching_inputs(without_keyframes, vae, scheduler, config, torch.manual_seed(0))
+        train_dit.diffusion_inputs(without_keyframes, vae, scheduler, config, torch.manual_seed(0))
     else:
         with pytest.raises(ValueError, match="no keyframe_mean"):
-            train_dit.flow_matching_inputs(without_keyframes, vae, scheduler, config, torch.manual_seed(0))
+            train_dit.diffusion_inputs(without_keyframes, vae, scheduler, config, torch.manual_seed(0))
 
 
 def test_dropouts_are_independent_and_near_their_rates(assets):
@@ -376,7 +376,7 @@ def test_dropouts_are_independent_and_near_their_rates(assets):
     config = DiTTrainingConfig(image_dropout=0.3, text_dropout=0.3)
     scheduler = train_dit.build_noise_scheduler(config)
     encoded = _encoded(torch.zeros(2000, 4, 1, 2, 2), text_tokens=2)
-    kwargs, _, _ = train_dit.flow_matching_inputs(encoded, vae, scheduler, config, torch.manual_seed(0))
+    kwargs, _, _ = train_dit.diffusion_inputs(encoded, vae, scheduler, config, torch.manual_seed(0))
     image_dropped = kwargs["condition"][:, 4, 0, 0, 0] == 0
     text_dropped = kwargs["encoder_attention_mask"][:, 0] == 0
     for dropped in (image_dropped, text_dropped):

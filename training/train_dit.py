@@ -1,18 +1,20 @@
-"""Train `NanoI2VTransformer3DModel` by flow matching, on one CPU, one GPU or many (DDP, FSDP).
+"""Train `NanoI2VTransformer3DModel` by flow matching (or a DDPM objective), on one CPU, one GPU or many (DDP, FSDP).
 
     python training/train_dit.py --config training/configs/tiny.yaml              # CPU smoke run, seconds
     accelerate launch --config_file training/accelerate_configs/multi_gpu.yaml \\
         training/train_dit.py --config training/configs/gpu_256.yaml --resume_from_checkpoint latest
 
 A step encodes clips with the frozen VAE and text encoder, or reads them from the latent cache that
-training/precompute_latents.py wrote when `cache_dir` is set; `flow_matching_inputs` then builds the
-model's inputs and target (docs/design.md, "Conditioning"). At the end the whole pipeline (with the EMA
+training/precompute_latents.py wrote when `cache_dir` is set; `diffusion_inputs` then builds the
+model's inputs, target and loss weights for the run's `prediction_type` (docs/design.md, "Conditioning" and
+"Objectives"; docs/training.md, "Objectives"). At the end the whole pipeline (with the EMA
 weights) is saved to `output_dir` with a model card, and pushed with `--push_to_hub`. With `lora_rank`,
 only a LoRA adapter on the pretrained pipeline's transformer trains, and the run saves the adapter
 (`pytorch_lora_weights.safetensors`, for `NanoI2VPipeline.load_lora_weights`) instead. The loop itself
 (accumulation, EMA, checkpoints, exact resume, logging, ...) is `training/trainer.py`'s.
 """
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ from nanoi2v_diffusers.models.transformer_nanoi2v import TRANSFORMER_PRESETS, Na
 from nanoi2v_diffusers.pipelines.pipeline_nanoi2v import NanoI2VPipeline
 from nanoi2v_diffusers.safe_loading import check_local_path
 from nanoi2v_diffusers.size_rules import check_multiple
+from nanoi2v_diffusers.schedulers.objectives import PREDICTION_TYPES
 from nanoi2v_diffusers.schedulers.scheduling_nanoi2v_flow_match import NanoI2VFlowMatchScheduler
 from nanoi2v_diffusers.text_encoders import BUILTIN_TEXT_ENCODER, encode_text, load_text_encoder
 from nanoi2v_diffusers.training.trainer import (
@@ -61,6 +64,9 @@ from nanoi2v_diffusers.training.trainer import (
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
+DDPM_LOSS_WEIGHTINGS = ("none", "min_snr")  # the DDPM objectives' (Hang et al. 2023, diffusers' --snr_gamma)
+# diffusers' DDPMScheduler defaults but clip_sample: normalised latents are not bounded by [-1, 1].
+DEFAULT_NOISE_SCHEDULER = {"clip_sample": False}
 VALIDATION_FORMATS = ("gif", "mp4")
 # diffusers' default LoRA targets: every attention projection (self- and cross-attention's query, key, value, output).
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -94,7 +100,15 @@ class DiTTrainingConfig(TrainingConfig):
     lora_target_modules: Tuple[str, ...] = LORA_TARGET_MODULES
     scheduler_shift: float = 1.0
     torch_compile: bool = False  # compile the transformer's blocks (one graph shared by all of them)
-    # Objective
+    # Objective. "flow" (flow matching) or a DDPM objective: "epsilon", "v_prediction", "sample" (docs/training.md).
+    prediction_type: str = "flow"
+    # DDPM objectives: the noise schedule, diffusers' DDPMScheduler(**noise_scheduler) (e.g. {beta_schedule:
+    # squaredcos_cap_v2, rescale_betas_zero_snr: true}); None: DEFAULT_NOISE_SCHEDULER. Its prediction_type is
+    # the field above.
+    noise_scheduler: Optional[Dict[str, Any]] = None
+    loss_weighting: str = "none"  # DDPM objectives: "none" or "min_snr" (min(SNR, snr_gamma), per prediction type)
+    snr_gamma: float = 5.0
+    # Flow matching only: the timestep density / loss weighting (scheduler_shift, logit_*, mode_scale too).
     weighting_scheme: str = "logit_normal"  # as diffusers' SD3 script: see split_weighting_scheme
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -129,6 +143,9 @@ class DiTTrainingConfig(TrainingConfig):
             self.transformer_overrides = yaml.safe_load(self.transformer_overrides)
         if isinstance(self.conditioning_tasks, str):  # from the command line: a YAML/JSON mapping
             self.conditioning_tasks = yaml.safe_load(self.conditioning_tasks)
+        if isinstance(self.noise_scheduler, str):  # from the command line: a YAML/JSON mapping
+            self.noise_scheduler = yaml.safe_load(self.noise_scheduler)
+        self._check_objective()
         self.conditioning_tasks = check_task_weights(self.conditioning_tasks)
         if self.transformer_overrides is not None and not isinstance(self.transformer_overrides, dict):
             raise ValueError(f"transformer_overrides must be a mapping; got {self.transformer_overrides!r}.")
@@ -160,6 +177,31 @@ class DiTTrainingConfig(TrainingConfig):
         if self.lora_rank is not None:
             self._check_lora()
 
+    def _check_objective(self) -> None:
+        """The objective's settings, one rule each (docs/training.md, "Objectives")."""
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {self.prediction_type!r}.")
+        if self.loss_weighting not in DDPM_LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {DDPM_LOSS_WEIGHTINGS}; got {self.loss_weighting!r}.")
+        if not self.snr_gamma > 0:
+            raise ValueError(f"snr_gamma must be > 0; got {self.snr_gamma}.")
+        if self.snr_gamma != 5.0 and self.loss_weighting != "min_snr":
+            raise ValueError(f"snr_gamma {self.snr_gamma} applies with loss_weighting 'min_snr' only; got "
+                             f"loss_weighting {self.loss_weighting!r}.")  # fmt: skip
+        if self.prediction_type == "flow":
+            for name, unset in (("noise_scheduler", None), ("loss_weighting", "none")):
+                if getattr(self, name) != unset:
+                    raise ValueError(f"{name} {getattr(self, name)!r} applies to the DDPM objectives only; "
+                                     f"prediction_type is 'flow' (use weighting_scheme, scheduler_shift).")  # fmt: skip
+            return
+        if self.scheduler_shift != 1.0:
+            raise ValueError(f"scheduler_shift {self.scheduler_shift} applies to flow matching only; prediction_type "
+                             f"is {self.prediction_type!r} (set the noise schedule in noise_scheduler).")  # fmt: skip
+        if self.noise_scheduler is not None and not isinstance(self.noise_scheduler, dict):
+            raise ValueError(f"noise_scheduler must be a mapping of DDPMScheduler settings; "
+                             f"got {self.noise_scheduler!r}.")  # fmt: skip
+        build_ddpm_scheduler(self)  # names the bad key or value
+
     @property
     def resolved_lora_alpha(self) -> float:
         """`lora_alpha`, or `lora_rank` when it is None: the adapter's output is scaled by alpha / rank."""
@@ -183,6 +225,7 @@ class DiTTrainingConfig(TrainingConfig):
                 "lora_rank needs pretrained_transformer to be a pipeline folder (with model_index.json): the "
                 f"pipeline the LoRA weights load into; got {self.pretrained_transformer!r}."
             )
+        check_lora_objective_matches(self)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,6 +282,20 @@ def check_text_encoding_matches(config: DiTTrainingConfig) -> None:
         )
 
 
+def check_lora_objective_matches(config: DiTTrainingConfig) -> None:
+    """A LoRA adapter loads into its base pipeline, which samples the base's objective: the run must train that one.
+    (A full fine-tune may change the objective: the saved pipeline records the new one.)"""
+    if config.lora_rank is None:
+        return
+    index = json.loads((Path(config.pretrained_transformer) / hub_utils.MODEL_INDEX).read_text(encoding="utf-8"))
+    saved = index.get("prediction_type") or "flow"
+    if saved != config.prediction_type:
+        raise ValueError(
+            f"prediction_type {config.prediction_type!r}: a LoRA adapter must train its base pipeline's objective, "
+            f"and {config.pretrained_transformer} predicts {saved!r}."
+        )
+
+
 def build_transformer(config: DiTTrainingConfig, latent_channels: int, text_dim: int) -> NanoI2VTransformer3DModel:
     """The transformer to train: from the preset, or the pretrained one (grown by the overrides); with
     `lora_rank`, frozen, with a fresh LoRA adapter as its only trainable parameters."""
@@ -286,8 +343,45 @@ def latent_shape(vae: AutoencoderKLNanoI2V, config: DiTTrainingConfig) -> Tuple[
     return (vae.config.latent_channels, frames, size, size)
 
 
-def build_noise_scheduler(config: DiTTrainingConfig) -> NanoI2VFlowMatchScheduler:
-    return NanoI2VFlowMatchScheduler(shift=config.scheduler_shift)
+def build_noise_scheduler(config: DiTTrainingConfig):
+    """The training scheduler: flow matching's, or the DDPM objectives' `DDPMScheduler` (`build_ddpm_scheduler`)."""
+    if config.prediction_type == "flow":
+        return NanoI2VFlowMatchScheduler(shift=config.scheduler_shift)
+    return build_ddpm_scheduler(config)
+
+
+def build_ddpm_scheduler(config: DiTTrainingConfig):
+    """diffusers' `DDPMScheduler(**noise_scheduler, prediction_type=...)`; a bad setting raises one line naming it."""
+    from diffusers import DDPMScheduler
+
+    settings = {**DEFAULT_NOISE_SCHEDULER, **(config.noise_scheduler or {})}
+    parameters = inspect.signature(DDPMScheduler.__init__).parameters
+    for key, value in settings.items():
+        if key == "prediction_type":
+            raise ValueError(f"noise_scheduler sets prediction_type ({value!r}): set the prediction_type field "
+                             "instead.")  # fmt: skip
+        if key not in parameters or key == "self":
+            raise ValueError(f"noise_scheduler key {key!r} is not a DDPMScheduler setting; known: "
+                             f"{sorted(name for name in parameters if name != 'self')}.")  # fmt: skip
+    schedules = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+    if settings.get("beta_schedule", "linear") not in schedules:
+        raise ValueError(f"noise_scheduler beta_schedule {settings['beta_schedule']!r}: must be one of {schedules}.")
+    if settings.get("num_train_timesteps", 1000) < 2:
+        raise ValueError(f"noise_scheduler num_train_timesteps must be >= 2; got {settings['num_train_timesteps']}.")
+    try:
+        return DDPMScheduler(**settings, prediction_type=config.prediction_type)
+    except (NotImplementedError, ValueError, TypeError) as error:
+        raise ValueError(f"noise_scheduler {settings}: DDPMScheduler refuses it ({error}).") from None
+
+
+def sampling_scheduler(config: DiTTrainingConfig, noise_scheduler):
+    """The scheduler the saved pipeline ships (and validation samples with): the flow scheduler, or for the DDPM
+    objectives a deterministic `DDIMScheduler` on the training noise schedule, with its prediction type."""
+    if config.prediction_type == "flow":
+        return noise_scheduler
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(noise_scheduler.config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,14 +413,14 @@ def needs_keyframes(config: DiTTrainingConfig) -> bool:
     return any(config.conditioning_tasks.get(task, 0) > 0 for task in ("first_last", "last_frame", "keyframes"))
 
 
-def flow_matching_inputs(
+def diffusion_inputs(
     encoded: Dict[str, torch.Tensor],
     vae: AutoencoderKLNanoI2V,
-    noise_scheduler: NanoI2VFlowMatchScheduler,
+    noise_scheduler,
     config: DiTTrainingConfig,
     generator: torch.Generator,
 ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """-> (transformer keyword arguments, velocity target, per-clip loss weights) for a batch of encoded clips.
+    """-> (transformer keyword arguments, target, per-clip loss weights) for a batch of encoded clips.
 
     Draws a latent `x0` from the VAE posterior; draws each clip's conditioning task (`conditioning_tasks`,
     see `nanoi2v_diffusers.conditioning.sample_condition_masks`) and builds its condition from the posterior
@@ -334,9 +428,9 @@ def flow_matching_inputs(
     one-frame `keyframe_mean` for other keyframes) with a little noise, dropped for a fraction `image_dropout`
     of the clips; drops the text for a fraction `text_dropout`, independently (so one model learns each
     conditioning task, text-to-video and unconditional generation, which classifier-free guidance needs);
-    samples sigmas (logit-normal by default) and regresses the velocity `noise - x0` at
-    `x_t = (1 - sigma) x0 + sigma noise`. The draws happen in a fixed order from `generator`: posterior
-    sample, tasks, condition noise, condition dropout, text dropout, sigmas, noise.
+    then builds the noisy latents and the target of `config.prediction_type` (`noised_inputs`). The draws
+    happen in a fixed order from `generator`: posterior sample, tasks, condition noise, condition dropout, text
+    dropout, sigmas (or timesteps), noise.
     """
     mean, std = encoded["posterior_mean"].float(), encoded["posterior_std"].float()  # (B, C, T, h, w)
     latents = vae.normalize_latents(sample_latents(mean, std, generator))
@@ -355,18 +449,64 @@ def flow_matching_inputs(
     keep_text = _uniform(batch_size, generator, device) >= config.text_dropout
     embeds, mask = drop_text(encoded["prompt_embeds"].float(), encoded["prompt_attention_mask"], keep_text)
 
-    density, loss_weighting = split_weighting_scheme(config.weighting_scheme)
-    sigmas = noise_scheduler.sample_training_sigmas(
-        batch_size, density=density, logit_mean=config.logit_mean, logit_std=config.logit_std,
-        mode_scale=config.mode_scale, generator=generator,
-    ).to(device)  # fmt: skip
-    timesteps = sigmas * noise_scheduler.config.num_train_timesteps
+    noisy, timesteps, target, weights = noised_inputs(latents, noise_scheduler, config, generator)
+    model_kwargs = {"hidden_states": noisy, "timestep": timesteps, "encoder_hidden_states": embeds,
+                    "encoder_attention_mask": mask, "condition": condition}  # fmt: skip
+    return model_kwargs, target, weights
+
+
+def noised_inputs(
+    latents: torch.Tensor, noise_scheduler, config: DiTTrainingConfig, generator: torch.Generator
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (noisy latents, the model's timesteps, target, per-clip loss weights) for clean `latents` x0.
+
+    "flow": sigmas of `weighting_scheme`'s density (logit-normal by default), `x_t = (1 - sigma) x0 + sigma noise`,
+    the velocity `noise - x0`, timesteps `sigma * 1000`. The DDPM objectives: uniform integer timesteps in
+    [0, num_train_timesteps), the `DDPMScheduler`'s `add_noise`, and the target of `prediction_type`: the noise
+    ("epsilon"), `get_velocity` ("v_prediction") or x0 ("sample"); `loss_weighting` "min_snr" weighs by
+    `min(SNR, snr_gamma)` over the SNR the target carries (SNR for epsilon, SNR + 1 for v, 1 for x0), as diffusers'
+    text-to-image script. Draws the timesteps, then the noise, from `generator`.
+    """
+    batch_size, device = latents.shape[0], latents.device
+    if config.prediction_type == "flow":
+        density, loss_weighting = split_weighting_scheme(config.weighting_scheme)
+        sigmas = noise_scheduler.sample_training_sigmas(
+            batch_size, density=density, logit_mean=config.logit_mean, logit_std=config.logit_std,
+            mode_scale=config.mode_scale, generator=generator,
+        ).to(device)  # fmt: skip
+        timesteps = sigmas * noise_scheduler.config.num_train_timesteps
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise_scheduler.velocity_target(latents, noise)
+        return noisy, timesteps, target, noise_scheduler.training_loss_weighting(sigmas, loss_weighting)
+
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    timesteps = timesteps.to(device)
     noise = torch.randn(latents.shape, generator=generator).to(device)
-    model_kwargs = {"hidden_states": noise_scheduler.add_noise(latents, noise, timesteps), "timestep": timesteps,
-                    "encoder_hidden_states": embeds, "encoder_attention_mask": mask,
-                    "condition": condition}  # fmt: skip
-    target = noise_scheduler.velocity_target(latents, noise)
-    return model_kwargs, target, noise_scheduler.training_loss_weighting(sigmas, loss_weighting)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    if config.prediction_type == "epsilon":
+        target = noise
+    elif config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:  # "sample"
+        target = latents
+    return noisy, timesteps, target, ddpm_loss_weights(noise_scheduler, timesteps, config)
+
+
+def ddpm_loss_weights(noise_scheduler, timesteps: torch.Tensor, config: DiTTrainingConfig) -> torch.Tensor:
+    """Per-clip loss weights of the DDPM objectives: ones, or Min-SNR-gamma (diffusers' `compute_snr`)."""
+    if config.loss_weighting == "none":
+        return torch.ones(timesteps.shape, device=timesteps.device)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps).float()
+    weights = torch.clamp(snr, max=config.snr_gamma)  # min(SNR, gamma): x0 prediction's weight
+    if config.prediction_type == "epsilon":
+        # The epsilon loss is the x0 loss times 1 / SNR; at zero terminal SNR (rescale_betas_zero_snr) the limit is 1.
+        weights = torch.where(snr > 0, weights / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+    elif config.prediction_type == "v_prediction":
+        weights = weights / (snr + 1)
+    return weights
 
 
 def split_weighting_scheme(weighting_scheme: str) -> Tuple[str, str]:
@@ -450,8 +590,8 @@ class DiTTrainer(Trainer):
 
     def compute_loss(self, batch: Dict[str, Any], generator: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
         encoded = {name: value.to(self.accelerator.device) for name, value in batch.items() if torch.is_tensor(value)}
-        model_kwargs, target, weights = flow_matching_inputs(encoded, self.vae, self.noise_scheduler, self.config,
-                                                             generator)  # fmt: skip
+        model_kwargs, target, weights = diffusion_inputs(encoded, self.vae, self.noise_scheduler, self.config,
+                                                         generator)  # fmt: skip
         prediction = self.model(**model_kwargs, return_dict=False)[0]
         return weighted_mse(prediction, target, weights), {}
 
@@ -475,7 +615,8 @@ class DiTTrainer(Trainer):
             return {}
         config, step, device = self.config, self.state.step, self.accelerator.device
         pipeline = NanoI2VPipeline(vae=self.vae, transformer=_move(transformer, device, self.weight_dtype),
-                                   scheduler=self.noise_scheduler)  # fmt: skip
+                                   scheduler=sampling_scheduler(config, self.noise_scheduler),
+                                   prediction_type=config.prediction_type)  # fmt: skip
         pipeline.set_progress_bar_config(disable=True)
         images = [Image.fromarray(tensor_to_frames(video[:, :1])[0]) for video in self.validation_videos]
         generated = pipeline(
@@ -517,8 +658,10 @@ class DiTTrainer(Trainer):
             # The frozen models as loaded (float32), not the copies cast to the mixed-precision dtype.
             vae = load_vae(config) if config.pretrained_vae else self.vae.float()
             text_encoder, tokenizer = load_text_encoder(config.text_encoder) if custom_text_encoder else (None, None)
-            pipeline = NanoI2VPipeline(vae=vae, transformer=transformer.float(), scheduler=self.noise_scheduler,
-                                       text_encoder=text_encoder, tokenizer=tokenizer,
+            pipeline = NanoI2VPipeline(vae=vae, transformer=transformer.float(),
+                                       scheduler=sampling_scheduler(config, self.noise_scheduler),
+                                       prediction_type=config.prediction_type, text_encoder=text_encoder,
+                                       tokenizer=tokenizer,
                                        text_clause_separator=config.text_clause_separator,
                                        default_text_encoder=None if custom_text_encoder else BUILTIN_TEXT_ENCODER,
                                        input_domain="shapes" if config.dataset == "shapes" else None)  # fmt: skip
@@ -563,6 +706,9 @@ def _card_description(config: DiTTrainingConfig, summary: Dict[str, Any]) -> str
     text = (f"Trained with `training/train_dit.py` on {data} ({config.resolution} x {config.resolution}, "
             f"{config.num_frames} frames) for {summary['steps']} steps; training loss "
             f"{'nan' if loss is None else f'{loss:.4f}'} averaged over up to the last 100 steps.")  # fmt: skip
+    if config.prediction_type != "flow":
+        text += (f" Objective: {config.prediction_type} on a DDPM noise schedule (sample with diffusers' DDIM, "
+                 "DPM-Solver++, UniPC, ...).")
     if config.lora_rank is not None:
         text += (f" A LoRA adapter (rank {config.lora_rank}, alpha {config.resolved_lora_alpha:g}, on "
                  f"{', '.join(config.lora_target_modules)}).")

@@ -205,6 +205,7 @@ class NanoI2VFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         sample: torch.Tensor,
         generator: Optional[torch.Generator] = None,
         return_dict: bool = True,
+        eta: float = 0.0,
     ) -> Union[SchedulerOutput, Tuple[torch.Tensor]]:
         """Move `sample` from the noise level of `timestep` to the next one in `timesteps`.
 
@@ -212,9 +213,13 @@ class NanoI2VFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             model_output (`torch.Tensor`): The predicted velocity at (`sample`, `timestep`).
             timestep (`float` or `torch.Tensor`): The current entry of `timesteps`.
             sample (`torch.Tensor`): The current `x_t`.
-            generator (`torch.Generator`, *optional*): Unused (the ODE solvers are deterministic); accepted
-                for pipeline compatibility.
+            generator (`torch.Generator`, *optional*): The noise of stochastic steps (`eta > 0`); unused by the
+                ODE solvers.
             return_dict (`bool`, defaults to `True`): Return a `SchedulerOutput` instead of a tuple.
+            eta (`float`, defaults to 0.0): Stochastic sampling, as DDIM's eta, for the Euler solver: 0 is the ODE
+                step; above 0 the step predicts `x0` and the noise from the velocity and re-noises with a share
+                of fresh noise, 1 being the DDPM posterior (ancestral sampling) of the flow path (see
+                `_stochastic_step`).
 
         Returns:
             `SchedulerOutput` with `prev_sample` (the input of the next model call), or `(prev_sample,)`.
@@ -229,10 +234,17 @@ class NanoI2VFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             self._init_step_index(timestep)
         if self._step_index >= len(self.timesteps):
             raise ValueError(f"step called after the last of the {len(self.timesteps)} timesteps.")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1]; got {eta!r}.")
+        if eta > 0 and self.config.solver != "euler":
+            raise ValueError(f"eta {eta!r} > 0 needs solver 'euler' (a stochastic step); got solver "
+                             f"{self.config.solver!r}.")  # fmt: skip
 
         # Accumulate in at least float32: many small updates drift in bf16.
         sample = sample.to(torch.promote_types(sample.dtype, torch.float32))
-        if self._heun_stage is None:
+        if eta > 0:
+            prev_sample = self._stochastic_step(model_output, sample, eta, generator)
+        elif self._heun_stage is None:
             prev_sample = self._predictor_step(model_output, sample)
         else:
             prev_sample = self._corrector_step(model_output)
@@ -250,6 +262,23 @@ class NanoI2VFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         if self.config.solver == "heun" and not is_last:
             self._heun_stage = (sample, velocity.to(sample.dtype), dt)
         return sample + dt * velocity
+
+    def _stochastic_step(self, velocity: torch.Tensor, sample: torch.Tensor, eta: float, generator) -> torch.Tensor:
+        """DDIM's step written for the flow path `x_t = alpha x0 + sigma noise`, `alpha = 1 - sigma`: predict
+        `x0 = x - sigma v` and `noise = x + alpha v`, then go to the next sigma `s` with
+        `alpha_s x0 + sqrt(s^2 - std^2) noise + std z`, where `std = eta * s * sqrt(1 - snr_t / snr_s)` (the
+        DDPM posterior's std at eta = 1; `snr = alpha^2 / sigma^2`). eta = 0 would be the Euler step exactly."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        velocity = velocity.to(sample.dtype)
+        sigma, sigma_next = self.sigmas[self._step_index], self.sigmas[self._step_index + 1]
+        x0, noise = sample - sigma * velocity, sample + (1 - sigma) * velocity
+        if sigma_next <= 0:
+            return x0
+        snr_ratio = ((1 - sigma) * sigma_next / ((1 - sigma_next) * sigma)) ** 2  # snr_t / snr_s, in [0, 1]
+        std = eta * sigma_next * torch.sqrt((1 - snr_ratio).clamp(min=0))
+        fresh = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        return (1 - sigma_next) * x0 + torch.sqrt((sigma_next**2 - std**2).clamp(min=0)) * noise + std * fresh
 
     def _corrector_step(self, velocity: torch.Tensor) -> torch.Tensor:
         """Heun: redo the step from its start with the mean of the velocities at both ends."""
