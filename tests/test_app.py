@@ -127,9 +127,14 @@ def test_in_a_browser_an_uploaded_frame_and_a_prompt_give_a_playable_video(serve
 def test_in_a_browser_bad_input_shows_a_message_not_a_trace(served, browser):
     from selenium.webdriver.common.by import By
 
-    wait = _open(browser, served[0])
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    _open(browser, served[0])
     browser.find_element(By.CSS_SELECTOR, "#generate").click()  # no frame, no prompt
-    message = wait.until(lambda driver: next((element for element in driver.find_elements(By.CSS_SELECTOR, "body *")
-                                              if "Give a first frame" in (element.text or "")), None))  # fmt: skip
-    assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+    # The page re-renders while the message arrives: elements found a moment before may be gone.
+    wait = WebDriverWait(browser, TIMEOUT_S, ignored_exceptions=(StaleElementReferenceException,))
+    message = wait.until(ready.visibility_of_element_located((By.XPATH, "//*[contains(text(), 'Give a first frame')]")))
     assert message.is_displayed()
+    assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text

@@ -172,38 +172,34 @@ def test_a_lora_file_saved_for_the_fused_projections_loads_converted_exactly(cas
 # ------------------------------------------------------------------------------------------- old checkpoints
 
 
-def test_the_shipped_model_saved_with_fused_projection_names_gives_bit_identical_outputs():
-    """examples/nanoi2v-shapes-64 holds to_qkv / to_kv / to_out weights; the reference is what the model computed
-    before the attention took diffusers' names (tests/data/shipped_transformer_reference.safetensors)."""
-    keys = load_file(str(REPO / "examples/nanoi2v-shapes-64/transformer/diffusion_pytorch_model.safetensors")).keys()
-    assert any(".to_qkv." in key for key in keys) and any(".to_kv." in key for key in keys)
-    model = NanoI2VTransformer3DModel.from_pretrained(REPO / "examples/nanoi2v-shapes-64", subfolder="transformer")
-    generator = torch.Generator().manual_seed(1234)
-    latents = torch.randn(2, 16, 5, 8, 8, generator=generator)
-    condition = torch.randn(2, 17, 5, 8, 8, generator=generator)
-    text = torch.randn(2, 12, 384, generator=generator)
-    mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, 7:] = 0
-    expected = load_file(str(REPO / "tests/data/shipped_transformer_reference.safetensors"))["output"]
-    with torch.no_grad():
-        output = model.eval()(latents, torch.tensor([250.0, 800.0]), text, encoder_attention_mask=mask,
-                              condition=condition).sample  # fmt: skip
-    assert torch.equal(output, expected)
-
-
-def test_a_training_checkpoint_with_the_fused_names_loads_through_load_state_dict():
-    model, inputs = make_model(num_text_refiner_layers=1), make_inputs()
-    fused = {}
-    for key, value in model.state_dict().items():
-        fused[key.replace(".to_out.0.", ".to_out.")] = value
+def _with_fused_names(state_dict: dict) -> dict:
+    """A state dict as earlier versions saved it: fused to_qkv (self-attention), to_kv (cross-attention), to_out."""
+    fused = {key.replace(".to_out.0.", ".to_out."): value for key, value in state_dict.items()}
     for prefix in {key.rsplit(".", 2)[0] for key in fused if ".to_q." in key}:  # one per attention module
         for leaf in ("weight", "bias"):
             names = ["to_k", "to_v"] if prefix.endswith(("attn2", "attn")) else ["to_q", "to_k", "to_v"]
             parts = [fused.pop(f"{prefix}.{name}.{leaf}") for name in names]
             fused[f"{prefix}.{'to_kv' if len(names) == 2 else 'to_qkv'}.{leaf}"] = torch.cat(parts)
+    return fused
+
+
+def test_a_training_checkpoint_with_the_fused_names_loads_through_load_state_dict():
+    model, inputs = make_model(num_text_refiner_layers=1), make_inputs()
     fresh = make_model(num_text_refiner_layers=1, trained=False)
-    fresh.load_state_dict(fused)
+    fresh.load_state_dict(_with_fused_names(model.state_dict()))
     torch.testing.assert_close(_forward(fresh, inputs), _forward(model, inputs), rtol=0, atol=0)
+
+
+def test_a_model_folder_saved_with_the_fused_names_loads_through_from_pretrained(tmp_path):
+    """Folders of earlier versions (the first shipped model was one) load converted, to bit-identical outputs."""
+    model, inputs = make_model(num_text_refiner_layers=1), make_inputs()
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({key: value.contiguous() for key, value in _with_fused_names(load_file(str(weights))).items()},
+              str(weights))  # fmt: skip
+    assert any(".to_qkv." in key for key in load_file(str(weights)))
+    loaded = NanoI2VTransformer3DModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(_forward(loaded, inputs), _forward(model, inputs), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------- caches

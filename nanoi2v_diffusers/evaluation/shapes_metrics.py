@@ -241,7 +241,7 @@ def first_frame_psnr(video, clip: ShapesClip) -> float:
     return float(psnr(generated, reference)[0])
 
 
-# Whole-video PSNR of identical videos: a finite cap, so that a mean over scenes stays finite when a video is
+# PSNR of identical videos (and frames): a finite cap, so that a mean over scenes stays finite when a video is
 # exact (the static baseline of a scene whose objects all stay still). 8-bit rounding alone scores about 59 dB.
 VIDEO_PSNR_CAP_DB = 60.0
 
@@ -296,8 +296,9 @@ class VideoScore:
 
 
 def _frame_psnr(video: np.ndarray, clip: ShapesClip, frame: int) -> float:
+    """PSNR (dB) of one frame against the clip's, capped as `video_psnr` (a still scene's baseline is exact)."""
     generated, truth = (torch.from_numpy(v[frame]).permute(2, 0, 1)[None] for v in (video, video_as_float(clip.video)))
-    return float(psnr(generated, truth)[0])
+    return min(float(psnr(generated, truth)[0]), VIDEO_PSNR_CAP_DB)
 
 
 def score_video(video, clip: ShapesClip, task: str = "i2v") -> VideoScore:
