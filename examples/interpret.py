@@ -34,6 +34,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
+from nanoi2v_diffusers.settings import OneLineErrorParser
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPO / "examples" / "nanoi2v-shapes-64"
 DEFAULT_OUT = REPO / "docs" / "figures"
@@ -56,13 +58,6 @@ GAP = 2  # pixels between tiles
 
 
 # ----------------------------------------------------------------------------------------------- arguments
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Errors as one line, `interpret.py: error: ...`, exit status 2 (no usage block)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _int_in(name: str, low: int, high: Optional[int] = None) -> Callable[[str], int]:
@@ -95,7 +90,7 @@ def _output_folder(text: str) -> Path:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = OneLineParser(prog="interpret.py", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="interpret.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=_model_folder, default=DEFAULT_MODEL,
                         help="a pipeline folder (default: %(default)s)")
     parser.add_argument("--out", type=_output_folder, default=DEFAULT_OUT,
@@ -185,12 +180,11 @@ class Scene(NamedTuple):
 
 
 def load_pipeline(model: Path):
-    from nanoi2v_diffusers import NanoI2VFlowMatchScheduler, NanoI2VPipeline
+    from nanoi2v_diffusers.cli import load_pipeline as load_for_sampling
 
-    pipe = NanoI2VPipeline.from_pretrained(str(model))  # CPU, float32; the text encoder from the installed package
+    # CPU, float32, the text encoder from the installed package; Euler steps, which the x0 read-out below assumes.
+    pipe = load_for_sampling(str(model), solver="euler", device="cpu")
     pipe.set_progress_bar_config(disable=True)
-    if pipe.scheduler.config.get("solver", "euler") != "euler":  # the x0 read-out below assumes Euler steps
-        pipe.scheduler = NanoI2VFlowMatchScheduler.from_config(pipe.scheduler.config, solver="euler")
     return pipe
 
 

@@ -82,7 +82,7 @@ def _add_field_flag(parser: argparse.ArgumentParser, name: str, hint: Any, help_
         parser.add_argument(f"--{name}", type=_converter(name, hint), **common)
 
 
-class _OneLineErrors(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line (no usage block before it), exit status 2."""
 
     def error(self, message: str):
@@ -127,7 +127,7 @@ def parse_config(
     config_cls: Type[ConfigT], argv: Optional[Sequence[str]] = None, prog: Optional[str] = None
 ) -> ConfigT:
     """Build `config_cls` from its defaults, then `--config file.yaml`, then one flag per field."""
-    parser = _OneLineErrors(prog=prog, description=(config_cls.__doc__ or "").strip())
+    parser = OneLineErrorParser(prog=prog, description=(config_cls.__doc__ or "").strip())
     parser.add_argument("--config", help="YAML file setting any of the fields below.")
     hints = typing.get_type_hints(config_cls)
     for field in fields(config_cls):

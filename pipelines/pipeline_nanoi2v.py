@@ -952,10 +952,8 @@ class NanoI2VPipeline(DiffusionPipeline, NanoI2VLoraLoaderMixin):
         check_scheduler_matches(self.config.get("prediction_type", "flow"), self.scheduler)
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
             raise ValueError(f"`eta` must be a number >= 0; got {eta!r}.")
-        if isinstance(self.scheduler, NanoI2VFlowMatchScheduler) and eta > 0:
-            if eta > 1 or self.scheduler.config.solver != "euler":
-                raise ValueError(f"`eta` {eta!r}: the flow scheduler's stochastic step needs eta in [0, 1] and "
-                                 f"solver 'euler'; got solver {self.scheduler.config.solver!r}.")  # fmt: skip
+        if isinstance(self.scheduler, NanoI2VFlowMatchScheduler):
+            self.scheduler.check_eta(eta)  # as its `step` will, but before any work
         return step_kwargs(self.scheduler, generator, float(eta))
 
     def _dynamic_shift_mu(self, latent_shape: Tuple[int, ...]) -> Optional[float]:

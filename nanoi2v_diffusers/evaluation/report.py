@@ -17,14 +17,15 @@ TABLE_ROWS = (
     ("centroid_error_px", "centroid error (px)", "lower"),
     ("visibility", "objects found", "1.0"),
     ("frechet_distance", "Frechet distance (colour/motion features, not FVD)", "lower"),
-    # Tasks beyond image-to-video (shown when the evaluation has them):
+)
+# Rows of the tasks beyond image-to-video, shown when the evaluation has them.
+TASK_TABLE_ROWS = (
     ("keyframe_psnr", "PSNR of the given keyframes after frame 0 (dB)", ">= 28"),
     ("between_centroid_error_px", "centroid error between the keyframes (px)", "<= 3"),
     ("continuation_direction_accuracy", "direction accuracy of the generated part", ">= 0.90"),
     ("seam_psnr", "PSNR of the first generated frame (dB)", "-"),
 )
-# Rows that only some evaluation tasks fill.
-TASK_ROWS = ("keyframe_psnr", "between_centroid_error_px", "continuation_direction_accuracy", "seam_psnr")
+TASK_ROWS = tuple(key for key, _, _ in TASK_TABLE_ROWS)
 
 
 def _is_number(value) -> bool:
@@ -58,7 +59,7 @@ def format_table(results: dict) -> str:
     lines = [header, "", "| metric | model +- standard error | static baseline | ground truth | target |",
              "|---|---|---|---|---|"]  # fmt: skip
     truth = results.get("ground_truth", {})  # results from before the ground-truth row have none
-    for key, label, target in TABLE_ROWS:
+    for key, label, target in (*TABLE_ROWS, *TASK_TABLE_ROWS):
         # .get: there is no "text_swap" without partners, no standard error for the Frechet distance.
         model, baseline = results["model"].get(key), results["static_baseline"].get(key)
         if key in TASK_ROWS and not _is_number(model):
@@ -77,7 +78,7 @@ def format_comparison(results_a: dict, results_b: dict, name_a: str = "A", name_
     """Markdown table: metric, A's mean, B's mean, B - A +- its paired standard error (scene by scene)."""
     differences = paired_differences(results_a["scenes"], results_b["scenes"])
     lines = [f"| metric | {name_a} | {name_b} | {name_b} - {name_a} +- standard error |", "|---|---|---|---|"]
-    for key, label, _ in TABLE_ROWS:
+    for key, label, _ in (*TABLE_ROWS, *TASK_TABLE_ROWS):
         if key not in differences:
             continue  # the Frechet distance is one number per set; no text-swap without partners
         mean, error = differences[key]

@@ -234,11 +234,7 @@ class NanoI2VFlowMatchScheduler(SchedulerMixin, ConfigMixin):
             self._init_step_index(timestep)
         if self._step_index >= len(self.timesteps):
             raise ValueError(f"step called after the last of the {len(self.timesteps)} timesteps.")
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must be in [0, 1]; got {eta!r}.")
-        if eta > 0 and self.config.solver != "euler":
-            raise ValueError(f"eta {eta!r} > 0 needs solver 'euler' (a stochastic step); got solver "
-                             f"{self.config.solver!r}.")  # fmt: skip
+        self.check_eta(eta)
 
         # Accumulate in at least float32: many small updates drift in bf16.
         sample = sample.to(torch.promote_types(sample.dtype, torch.float32))
@@ -262,6 +258,12 @@ class NanoI2VFlowMatchScheduler(SchedulerMixin, ConfigMixin):
         if self.config.solver == "heun" and not is_last:
             self._heun_stage = (sample, velocity.to(sample.dtype), dt)
         return sample + dt * velocity
+
+    def check_eta(self, eta: float) -> None:
+        """Raise a one-line ValueError unless `eta` suits this scheduler: 0, or in (0, 1] with solver "euler"."""
+        if not 0.0 <= eta <= 1.0 or (eta > 0 and self.config.solver != "euler"):
+            raise ValueError(f"`eta` {eta!r}: the flow scheduler's stochastic step needs eta in [0, 1] and solver "
+                             f"'euler'; got solver {self.config.solver!r}.")  # fmt: skip
 
     def _stochastic_step(self, velocity: torch.Tensor, sample: torch.Tensor, eta: float, generator) -> torch.Tensor:
         """DDIM's step written for the flow path `x_t = alpha x0 + sigma noise`, `alpha = 1 - sigma`: predict
