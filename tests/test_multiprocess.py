@@ -5,6 +5,7 @@ The 2-process run uses `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --
 (gloo); `--cpu --num_processes 2` would silently start one process (see NOTES.md).
 """
 
+import gc
 import json
 import os
 import socket
@@ -127,24 +128,40 @@ def _flow_loss(model, inputs, rows=slice(None)) -> torch.Tensor:
     return model(latents, timestep, text, condition=condition).sample.square().mean()
 
 
+def _fsdp2_gradients(rank: int, lora: bool, out: str) -> None:
+    mesh = init_device_mesh("cpu", (NUM_PROCESSES,))
+    model, inputs = _fsdp2_model_and_batch(lora)
+    for block in model.blocks:  # one unit per block, as training/accelerate_configs/fsdp.yaml wraps
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    _flow_loss(model, inputs, slice(rank, rank + 1)).backward()  # each rank its own sample
+    grads = {name: param.grad.full_tensor() for name, param in model.named_parameters() if param.grad is not None}
+    if rank == 0:
+        torch.save(grads, out)
+
+
 def _fsdp2_worker(rank: int, port: int, lora: bool, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=NUM_PROCESSES)
     try:
-        mesh = init_device_mesh("cpu", (NUM_PROCESSES,))
-        model, inputs = _fsdp2_model_and_batch(lora)
-        for block in model.blocks:  # one unit per block, as training/accelerate_configs/fsdp.yaml wraps
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        _flow_loss(model, inputs, slice(rank, rank + 1)).backward()  # each rank its own sample
-        grads = {name: param.grad.full_tensor() for name, param in model.named_parameters() if param.grad is not None}
-        if rank == 0:
-            torch.save(grads, out)
-        # gloo aborts a process ("terminate called without an active exception") when one rank tears its
-        # group down while the other is still in a collective or its own teardown: leave together
-        torch.distributed.barrier()
+        _fsdp2_gradients(rank, lora, out)
+        gc.collect()  # no tensor of a gloo work object may outlive the group (NOTES.md)
+        torch.distributed.barrier()  # every collective of every rank is done
+        Path(f"{out}.done-{rank}").touch()
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _spawn_fsdp2_workers(lora: bool, out: Path) -> None:
+    """Run the two ranks. gloo still aborts a process now and then at teardown, after the barrier ("terminate
+    called without an active exception": CI saw it twice in ~20 runs), which says nothing about the sharded
+    gradients: such an abort is forgiven once every rank has passed the barrier, any other failure is not."""
+    try:
+        torch.multiprocessing.spawn(_fsdp2_worker, args=(_free_port(), lora, str(out)), nprocs=NUM_PROCESSES)
+    except torch.multiprocessing.ProcessExitedException as error:
+        finished = all(Path(f"{out}.done-{rank}").is_file() for rank in range(NUM_PROCESSES))
+        if not (finished and error.signal_name == "SIGABRT"):
+            raise
 
 
 @pytest.mark.slow
@@ -154,9 +171,7 @@ def test_fsdp2_sharded_gradients_equal_one_process(tmp_path, lora):
     gathered from the shards of two processes, each with one sample, equal one process's on both. The
     blocks' memory-saving autograd Functions read weights that FSDP unshards for the block's forward."""
     out = tmp_path / "grads.pt"
-    torch.multiprocessing.spawn(
-        _fsdp2_worker, args=(_free_port(), lora, str(out)), nprocs=NUM_PROCESSES, join=True
-    )
+    _spawn_fsdp2_workers(lora, out)
     model, inputs = _fsdp2_model_and_batch(lora)
     _flow_loss(model, inputs).backward()
     expected = {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
