@@ -47,7 +47,7 @@ def _fail(flag: str, value, rule: str) -> None:
 
 @dataclass
 class LoadingSettings:
-    """How to load the pipeline: shared by `generate` and `evaluate`."""
+    """How to load the pipeline and which sampler runs it: shared by `generate` and `evaluate`."""
 
     model: Optional[str] = None  # a pipeline folder or Hub id (required)
     solver: Optional[str] = None  # "euler" or "heun"; default: the saved scheduler's
@@ -55,6 +55,7 @@ class LoadingSettings:
     # models, diffusers' schedulers on the saved noise schedule). Default: the saved scheduler.
     scheduler: Optional[str] = None
     shift: Optional[float] = None  # timestep shift; default: the saved scheduler's
+    eta: float = 0.0  # stochastic sampling (ddim; euler on flow models), 0: deterministic, 1: DDPM-like
     lora: Optional[str] = None  # LoRA weights (a folder or Hub id with pytorch_lora_weights.safetensors)
     lora_scale: float = 1.0
     first_block_cache: Optional[float] = None  # diffusers' First Block Cache threshold, in (0, 1]
@@ -92,6 +93,15 @@ class LoadingSettings:
                   f"{', '.join(FLOW_SCHEDULER_NAMES)}")  # fmt: skip
         if self.shift is not None and not self.shift > 0:
             _fail("shift", self.shift, "must be > 0")
+        if not (math.isfinite(self.eta) and self.eta >= 0):
+            _fail("eta", self.eta, "must be a number >= 0 (0: deterministic)")
+        if self.eta > 0:
+            sampler = self.scheduler or self.solver
+            if sampler is not None and sampler not in ("ddim", "euler"):
+                _fail("eta", self.eta, f"the {sampler} scheduler takes no eta: use --scheduler ddim (noise-prediction "
+                      "models) or euler (flow models)")  # fmt: skip
+            if prediction_type == "flow" and self.eta > 1:
+                _fail("eta", self.eta, "must be in [0, 1] for a flow model")
         if not math.isfinite(self.lora_scale):
             _fail("lora_scale", self.lora_scale, "must be a finite number")
         if self.first_block_cache is not None and not 0 < self.first_block_cache <= 1:
@@ -144,7 +154,6 @@ class GenerateSettings(LoadingSettings):
     output: str = "outputs/generated.mp4"  # .mp4, .gif, .mkv, .webm or .mov
     fps: int = 8
     lossless: bool = False  # exact RGB frames (.mp4/.mkv: libx264rgb crf 0, .webm: vp9 lossless), larger files
-    eta: float = 0.0  # stochastic sampling (ddim; euler on flow models), 0: deterministic, 1: DDPM-like
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -184,16 +193,6 @@ class GenerateSettings(LoadingSettings):
                 _fail("negative_guidance_scale", self.negative_guidance_scale, "needs a --negative_prompt")
         if self.seed < 0:
             _fail("seed", self.seed, "must be >= 0")
-        if not (math.isfinite(self.eta) and self.eta >= 0):
-            _fail("eta", self.eta, "must be a number >= 0 (0: deterministic)")
-        if self.eta > 0:
-            sampler = self.scheduler or self.solver
-            prediction_type = self.saved_prediction_type()
-            if sampler is not None and sampler not in ("ddim", "euler"):
-                _fail("eta", self.eta, f"the {sampler} scheduler takes no eta: use --scheduler ddim (noise-prediction "
-                      "models) or euler (flow models)")  # fmt: skip
-            if prediction_type == "flow" and self.eta > 1:
-                _fail("eta", self.eta, "must be in [0, 1] for a flow model")
         check_output_file("output", self.output)
 
 
@@ -391,7 +390,7 @@ def evaluate(settings: EvaluateSettings) -> dict:
         pipe, num_scenes=settings.num_scenes, num_inference_steps=settings.num_inference_steps,
         guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=settings.batch_size,
         text_swap=settings.text_swap, negative_prompt=swap_motions if settings.swap_motions_negative else None,
-        negative_guidance_scale=settings.negative_guidance_scale, task=settings.task,
+        negative_guidance_scale=settings.negative_guidance_scale, task=settings.task, eta=settings.eta,
         config=ShapesConfig(min_objects=settings.min_objects, max_objects=settings.max_objects),
     )  # fmt: skip
     results["model_path"] = settings.model

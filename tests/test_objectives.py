@@ -348,15 +348,16 @@ def saved_models(tmp_path_factory):
         ("flow", ["--eta", "1.5"], "--eta 1.5: must be in \\[0, 1\\] for a flow model"),
     ],
 )
-def test_bad_scheduler_flags_stop_with_one_line_before_anything_loads(saved_models, model, flags, message, capsys,
-                                                                      monkeypatch):  # fmt: skip
+@pytest.mark.parametrize("command", ["generate", "evaluate"])
+def test_bad_scheduler_flags_stop_with_one_line_before_anything_loads(saved_models, model, flags, message, command,
+                                                                      capsys, monkeypatch):  # fmt: skip
     import re
 
     from nanoi2v_diffusers import cli
 
     monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["generate", "--model", str(saved_models / model), *flags])
+        cli.main([command, "--model", str(saved_models / model), *flags])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
     assert re.search(message, err), err

@@ -262,12 +262,12 @@ class FakePipeline:
         self._progress_bar_config = kwargs
 
     def __call__(self, image, prompt, num_frames, num_inference_steps, guidance_scale, generator, output_type,
-                 negative_prompt=None, negative_guidance_scale=None):  # fmt: skip
+                 negative_prompt=None, negative_guidance_scale=None, eta=None):  # fmt: skip
         assert output_type == "np" and len(image) == len(prompt) == len(generator)
         seeds = [g.initial_seed() for g in generator]
         quiet = self._progress_bar_config.get("disable", False)
         self.calls.append(dict(prompts=prompt, seeds=seeds, steps=num_inference_steps, quiet=quiet,
-                               negative_prompts=negative_prompt, negative_scale=negative_guidance_scale))  # fmt: skip
+                               negative_prompts=negative_prompt, negative_scale=negative_guidance_scale, eta=eta))  # fmt: skip
         videos = []
         for frame, caption in zip(image, prompt):
             video = self.videos[(caption, np.asarray(frame).tobytes())]  # KeyError: not a validation scene
@@ -321,6 +321,16 @@ def test_evaluate_pipeline_passes_each_captions_negative_prompt():
         assert call["negative_prompts"] == [swap_motions(prompt) for prompt in call["prompts"]]
         assert call["negative_scale"] == 2.0
     assert any(call["negative_prompts"] != [""] * len(call["prompts"]) for call in pipe.calls)  # two-object scenes
+
+
+def test_evaluate_pipeline_passes_eta_and_records_it():
+    pipe = FakePipeline(validation_clips(2))
+    assert evaluate_pipeline(pipe, num_scenes=2, progress=False)["settings"]["eta"] == 0.0
+    assert all(call["eta"] is None for call in pipe.calls)  # deterministic: the pipeline's own default
+    pipe.calls.clear()
+    results = evaluate_pipeline(pipe, num_scenes=2, eta=1.0, progress=False)
+    assert results["settings"]["eta"] == 1.0 and pipe.calls and all(call["eta"] == 1.0 for call in pipe.calls)
+    assert ", eta 1.0" in format_table(results).splitlines()[0]
 
 
 def test_evaluation_seeds_pick_disjoint_scene_sets():

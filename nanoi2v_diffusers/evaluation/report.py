@@ -50,6 +50,8 @@ def format_table(results: dict) -> str:
     objects = (settings.get("min_objects", default_objects[0]), settings.get("max_objects", default_objects[1]))
     if objects != default_objects:
         header += f", {objects[0]}-{objects[1]} objects"
+    if settings.get("eta"):
+        header += f", eta {settings['eta']}"
     if settings.get("lora"):
         header += f", LoRA {settings['lora']} at scale {settings['lora_scale']}"
     if settings.get("negative_prompt"):

@@ -594,6 +594,7 @@ def evaluate_pipeline(
     negative_guidance_scale: Optional[float] = None,
     progress: bool = True,
     task: str = "i2v",
+    eta: float = 0.0,
 ) -> dict:
     """Generate videos for fresh shapes scenes and score them, next to the static baseline.
 
@@ -616,6 +617,7 @@ def evaluate_pipeline(
             its first frame; "flf2v", "keyframes" and "continue" add their metrics (see `VideoScore`) and need a
             `NanoI2VPipeline` (or a callable taking `last_image=`, `conditions=`, `video=`). The text-swap score
             is for "i2v" only (given later frames already say where the objects go).
+        eta: passed to the pipeline when not 0: stochastic sampling (DDIM's eta; the flow Euler scheduler's).
 
     Returns:
         `{"model": {metric: mean over scenes}, "model_standard_error": {metric: its standard error
@@ -637,6 +639,8 @@ def evaluate_pipeline(
     jobs = clips + partners
     noise_seeds = [clip.seed for clip in jobs]  # a partner shares its scene's noise: only the text differs
     extra = {} if negative_guidance_scale is None else {"negative_guidance_scale": negative_guidance_scale}
+    if eta:
+        extra["eta"] = eta
     videos, seconds = _generate_videos(
         pipe,
         jobs,
@@ -667,6 +671,7 @@ def evaluate_pipeline(
         max_objects=config.max_objects,
         negative_prompt=None if negative_prompt is None else negative_prompt.__name__,
         negative_guidance_scale=negative_guidance_scale,
+        eta=eta,
     )
     # The true clips scored the same way: the ceiling of each metric (1.0, 0 px, the PSNR cap), a check on it.
     ground_truth = summarize([score_video(clip.video, clip, task) for clip in clips])
