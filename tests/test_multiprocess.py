@@ -154,8 +154,8 @@ def _fsdp2_worker(rank: int, port: int, lora: bool, out: str) -> None:
 
 def _spawn_fsdp2_workers(lora: bool, out: Path) -> None:
     """Run the two ranks. gloo still aborts a process now and then at teardown, after the barrier ("terminate
-    called without an active exception": CI saw it twice in ~20 runs), which says nothing about the sharded
-    gradients: such an abort is forgiven once every rank has passed the barrier, any other failure is not."""
+    called without an active exception": CI saw it on two submissions in a row), which says nothing about the
+    sharded gradients: such an abort is forgiven once every rank has passed the barrier, any other is not."""
     try:
         torch.multiprocessing.spawn(_fsdp2_worker, args=(_free_port(), lora, str(out)), nprocs=NUM_PROCESSES)
     except torch.multiprocessing.ProcessExitedException as error:
