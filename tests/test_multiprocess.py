@@ -145,7 +145,7 @@ def _fsdp2_worker(rank: int, port: int, lora: bool, out: str) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=NUM_PROCESSES)
     try:
         _fsdp2_gradients(rank, lora, out)
-        gc.collect()  # no tensor of a gloo work object may outlive the group (NOTES.md)
+        gc.collect()  # no tensor of a gloo work object may outlive the group (as in Trainer.close)
         torch.distributed.barrier()  # every collective of every rank is done
         Path(f"{out}.done-{rank}").touch()
     finally:
